@@ -1,0 +1,60 @@
+"""RSICRC on LEVIR-CC with the reference defaults (SPEC brackets).
+
+Usage: python launch.py --config configs/levir.py --workdir DIR [--config.batch_size=64 ...]
+"""
+
+import ml_collections
+
+
+def get_model_config() -> ml_collections.ConfigDict:
+  m = ml_collections.ConfigDict()
+  # Backbone: CLIP ModifiedResNet RN50 (RemoteCLIP weights), 224 px input -> 7x7x2048.
+  m.backbone_layers = (3, 4, 6, 3)
+  m.backbone_width = 64
+  m.image_size = 224
+  m.pos_table_size = 7  # rows of the encoder position tables (the RN50 feature-map size)
+  # Bi-temporal encoder.
+  m.d_model = 2048
+  m.encoder_layers = 3
+  m.num_heads = 8
+  m.a_dim = 2048  # attention width
+  m.h_dim = 512  # FFN hidden width
+  m.value_from_key = True  # reference quirk: values use the key projection (needed for its weights)
+  # Decoder.
+  m.vocab_size = 468  # 464 words + PAD, START, UNK, END
+  m.max_len = 41
+  m.decoder_layers = 1  # unimodal layers; as many multimodal layers
+  m.learnable = False  # sinusoidal positions
+  m.tie_embeddings = True
+  m.prenorm = False
+  m.dropout = 0.1
+  m.fine_tune = True  # train layer2..layer4 of the backbone; stem and layer1 frozen
+  m.dtype = ''  # compute dtype, '' = float32; 'bfloat16' for mixed precision
+  return m
+
+
+def get_loss_config() -> ml_collections.ConfigDict:
+  l = ml_collections.ConfigDict()
+  l.lamb = 0.5  # total = caption + lamb * contrastive
+  l.temperature = 0.01
+  l.fne = True  # false negatives removed from the negatives
+  l.fna = True  # ... and attracted as positives
+  l.s_threshold = 1.0  # sentence-embedding cosine at/above which two captions are "the same"
+  l.s_tolerance = 1e-6  # float slack on that comparison
+  l.top_k = -1  # hardest negatives kept over the batch; -1 = all
+  return l
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.model = get_model_config()
+  config.loss = get_loss_config()
+  config.seed = 42
+  config.batch_size = 4
+  config.epochs = 50
+  config.learning_rate = 1e-4
+  config.adam_eps = 1e-8
+  config.weight_decay = 0.01
+  config.warmup_fraction = 0.025
+  config.max_grad_norm = 0.0  # 0 = no clipping
+  return config

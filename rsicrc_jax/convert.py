@@ -1,0 +1,86 @@
+r"""Convert PyTorch weights into what rsicrc_jax trains and evaluates from.
+
+  python -m rsicrc_jax.convert rsicrc model_best.pt --config configs/levir.py --out DIR
+      A reference RSICRC checkpoint -> model directory (Orbax state + config.json) that
+      `python -m rsicrc_jax.eval --checkpoint DIR` and training's `init_from` load.
+  python -m rsicrc_jax.convert remoteclip RemoteCLIP-RN50.pt --out rn50.npz [--config ...]
+      An OpenCLIP RN50 state_dict -> backbone arrays (.npz) for `config.model.backbone_init`.
+
+CKPT may be a PyTorch file (needs the `torch` extra) or a .npz of the state_dict's arrays.
+Config fields can be overridden: --config.model.vocab_size=500. Nothing is written to --out
+unless the conversion succeeded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from rsicrc_jax import model_io, weights
+from rsicrc_jax.models import RSICRC
+from rsicrc_jax.models.backbone import ModifiedResNet
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               'configs', 'levir.py')
+_CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config file '
+                                          '(ml_collections get_config()).', lock_config=False)
+_OUT = flags.DEFINE_string('out', None, 'Output directory (rsicrc) or .npz file (remoteclip).')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing --out.')
+
+USAGE = 'usage: python -m rsicrc_jax.convert {rsicrc,remoteclip} CKPT --out OUT [--config FILE]'
+
+
+def convert_rsicrc(ckpt: str, config, out: str, overwrite: bool = False) -> RSICRC:
+  state = weights.load_torch_state_dict(ckpt)
+  model = RSICRC(config.model, rngs=nnx.Rngs(0))
+  try:
+    weights.import_rsicrc(model, state)
+  except weights.CheckpointError as e:
+    raise weights.CheckpointError(f'{ckpt}: {e}') from e
+  model_io.save_model(out, model, config.model, overwrite=overwrite)
+  return model
+
+
+def convert_remoteclip(ckpt: str, config, out: str, overwrite: bool = False) -> dict:
+  if not out.endswith('.npz'):
+    raise ValueError(f'--out {out}: expected a .npz file name')
+  state = weights.load_torch_state_dict(ckpt)
+  m = config.model
+  backbone = ModifiedResNet(tuple(m.backbone_layers), m.backbone_width, rngs=nnx.Rngs(0))
+  try:
+    weights.import_openclip_backbone(backbone, state)
+  except weights.CheckpointError as e:
+    raise weights.CheckpointError(f'{ckpt}: {e}') from e
+  arrays = weights.flat_arrays(backbone)
+  with model_io.atomic_output(out, is_dir=False, overwrite=overwrite) as tmp:
+    with open(tmp, 'wb') as f:
+      np.savez(f, **arrays)
+  return arrays
+
+
+def main(argv):
+  if len(argv) != 3 or argv[1] not in ('rsicrc', 'remoteclip'):
+    raise app.UsageError(USAGE)
+  if not _OUT.value:
+    raise app.UsageError('--out is required. ' + USAGE)
+  config = _CONFIG.value
+  kind, ckpt = argv[1], argv[2]
+  try:
+    if kind == 'rsicrc':
+      convert_rsicrc(ckpt, config, _OUT.value, _OVERWRITE.value)
+    else:
+      convert_remoteclip(ckpt, config, _OUT.value, _OVERWRITE.value)
+  except (weights.CheckpointError, FileExistsError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  print(f'wrote {_OUT.value}')
+  return 0
+
+
+if __name__ == '__main__':
+  app.run(main)

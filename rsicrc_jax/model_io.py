@@ -1,0 +1,76 @@
+"""Saving and loading model weights (parameters + BatchNorm statistics) with Orbax.
+
+Layout of a model directory (what `convert rsicrc` writes and eval/training load):
+  DIR/state/        Orbax checkpoint of the model's Param and BatchStat leaves
+  DIR/config.json   the `config.model` it was built with
+Writes go to a sibling temporary directory that is renamed into place only when complete, so
+an interrupted write never leaves a half-written DIR.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from rsicrc_jax.models import RSICRC
+
+_STATE_FILTER = nnx.Any(nnx.Param, nnx.BatchStat)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str, *, is_dir: bool, overwrite: bool = False):
+  """Yields a temporary path beside `path`; on success renames it to `path`, else deletes it."""
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f'{path} already exists; remove it or pass --overwrite')
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + '.partial-', dir=parent)
+  target = tmp if is_dir else os.path.join(tmp, os.path.basename(path))
+  try:
+    yield target
+    if os.path.exists(path):
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    os.replace(target, path)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model(path: str, model: nnx.Module, model_config: ml_collections.ConfigDict, *,
+               overwrite: bool = False) -> None:
+  state = nnx.state(model, _STATE_FILTER).to_pure_dict()
+  with atomic_output(path, is_dir=True, overwrite=overwrite) as tmp:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, 'state'), state)
+    with open(os.path.join(tmp, 'config.json'), 'w') as f:
+      f.write(model_config.to_json(indent=2))
+
+
+def load_model(path: str, model_config: ml_collections.ConfigDict | None = None) -> RSICRC:
+  """Builds an RSICRC from `model_config` (default: the saved one) and restores its weights."""
+  cfg_file = os.path.join(path, 'config.json')
+  if not os.path.isfile(cfg_file):
+    raise FileNotFoundError(f'{path}: not a model directory (no config.json); create one with '
+                            'python -m rsicrc_jax.convert or a training run')
+  if model_config is None:
+    with open(cfg_file) as f:
+      model_config = ml_collections.ConfigDict(json.load(f))
+  abstract = nnx.eval_shape(lambda: RSICRC(model_config, rngs=nnx.Rngs(0)))
+  graphdef, target, rest = nnx.split(abstract, _STATE_FILTER, ...)
+  with ocp.StandardCheckpointer() as ckptr:
+    try:
+      restored = ckptr.restore(os.path.join(os.path.abspath(path), 'state'),
+                               target.to_pure_dict())
+    except (ValueError, KeyError) as e:
+      raise ValueError(f'{path}: the saved weights do not match config.model ({e})') from e
+  target.replace_by_pure_dict(restored)
+  model = nnx.merge(graphdef, target, rest)
+  model.eval()
+  return model
