@@ -22,7 +22,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from rsicrc_jax import model_io, weights
-from rsicrc_jax.models import RSICRC
+from rsicrc_jax.models import RSICRC, model_skeleton
 from rsicrc_jax.models.backbone import ModifiedResNet
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -37,7 +37,7 @@ USAGE = 'usage: python -m rsicrc_jax.convert {rsicrc,remoteclip} CKPT --out OUT 
 
 def convert_rsicrc(ckpt: str, config, out: str, overwrite: bool = False) -> RSICRC:
   state = weights.load_torch_state_dict(ckpt)
-  model = RSICRC(config.model, rngs=nnx.Rngs(0))
+  model = model_skeleton(config.model)
   try:
     weights.import_rsicrc(model, state)
   except weights.CheckpointError as e:

@@ -19,7 +19,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from rsicrc_jax.models import RSICRC
+from rsicrc_jax.models import RSICRC, model_skeleton
 
 _STATE_FILTER = nnx.Any(nnx.Param, nnx.BatchStat)
 
@@ -62,8 +62,7 @@ def load_model(path: str, model_config: ml_collections.ConfigDict | None = None)
   if model_config is None:
     with open(cfg_file) as f:
       model_config = ml_collections.ConfigDict(json.load(f))
-  abstract = nnx.eval_shape(lambda: RSICRC(model_config, rngs=nnx.Rngs(0)))
-  graphdef, target, rest = nnx.split(abstract, _STATE_FILTER, ...)
+  graphdef, target, rest = nnx.split(model_skeleton(model_config), _STATE_FILTER, ...)
   with ocp.StandardCheckpointer() as ckptr:
     try:
       restored = ckptr.restore(os.path.join(os.path.abspath(path), 'state'),

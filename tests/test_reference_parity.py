@@ -11,7 +11,7 @@ from flax import nnx
 
 from configs import reference_tiny
 from rsicrc_jax import decoding, losses, weights
-from rsicrc_jax.models import RSICRC, trainable_filter
+from rsicrc_jax.models import RSICRC, model_skeleton, trainable_filter
 
 from conftest import assert_close
 
@@ -37,9 +37,17 @@ def _model(reference_state, dropout=None):
   config = reference_tiny.get_config()
   if dropout is not None:
     config.model.dropout = dropout
-  model = RSICRC(config.model, rngs=nnx.Rngs(0))
+  model = model_skeleton(config.model)
   weights.import_rsicrc(model, reference_state)
   return model, config
+
+
+def test_import_into_initialised_model_equals_skeleton(reference_state, inputs, eval_out):
+  model = RSICRC(reference_tiny.get_config().model, rngs=nnx.Rngs(3))
+  weights.import_rsicrc(model, reference_state)
+  emb = nnx.jit(lambda m, a, b: m.encode_images(a, b)[0])(model, inputs['img_before'],
+                                                          inputs['img_after'])
+  np.testing.assert_array_equal(np.asarray(emb), np.asarray(eval_out[1].visual_emb))
 
 
 @pytest.fixture(scope='module')

@@ -68,6 +68,14 @@ class RSICRC(nnx.Module):
     return self.decoder(tokens, None, pad_mask).text_emb
 
 
+def model_skeleton(cfg: ml_collections.ConfigDict, seed: int = 0) -> RSICRC:
+  """An RSICRC whose parameters and BN statistics are shape placeholders, for loading weights
+  into (`nnx.update`) without paying for random initialisation; dropout RNGs are concrete."""
+  model = nnx.eval_shape(lambda: RSICRC(cfg, rngs=nnx.Rngs(seed)))
+  nnx.reseed(model, default=seed)
+  return model
+
+
 # Frozen when fine-tuning (SPEC section 3): the backbone stem and layer1. Without fine-tuning
 # the whole backbone is frozen. BatchNorm statistics are not parameters and always update.
 _STEM = ('conv1', 'bn1', 'conv2', 'bn2', 'conv3', 'bn3', 'layer1')
