@@ -1,10 +1,11 @@
 r"""Convert PyTorch weights into what rsicrc_jax trains and evaluates from.
 
   python -m rsicrc_jax.convert rsicrc model_best.pt --config configs/levir.py --out DIR
-      A reference RSICRC checkpoint -> model directory (Orbax state + config.json) that
-      `python -m rsicrc_jax.eval --checkpoint DIR` and training's `init_from` load.
+      A reference RSICRC checkpoint -> model directory (Orbax state + config.json), loaded
+      with `rsicrc_jax.model_io.load_model(DIR)`.
   python -m rsicrc_jax.convert remoteclip RemoteCLIP-RN50.pt --out rn50.npz [--config ...]
-      An OpenCLIP RN50 state_dict -> backbone arrays (.npz) for `config.model.backbone_init`.
+      An OpenCLIP RN50 state_dict -> backbone arrays (.npz, '/'-joined leaf names), loaded into
+      a ModifiedResNet with `rsicrc_jax.weights.load_flat_arrays`.
 
 CKPT may be a PyTorch file (needs the `torch` extra) or a .npz of the state_dict's arrays.
 Config fields can be overridden: --config.model.vocab_size=500. Nothing is written to --out

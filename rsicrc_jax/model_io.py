@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -45,12 +46,26 @@ def atomic_output(path: str, *, is_dir: bool, overwrite: bool = False):
 
 def save_model(path: str, model: nnx.Module, model_config: ml_collections.ConfigDict, *,
                overwrite: bool = False) -> None:
-  state = nnx.state(model, _STATE_FILTER).to_pure_dict()
+  state = nnx.to_pure_dict(nnx.state(model, _STATE_FILTER))
   with atomic_output(path, is_dir=True, overwrite=overwrite) as tmp:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, 'state'), state)
     with open(os.path.join(tmp, 'config.json'), 'w') as f:
       f.write(model_config.to_json(indent=2))
+
+
+def _check_same_tree(path: str, saved, expected) -> None:
+  flat = lambda tree: {'/'.join(str(getattr(k, 'key', k)) for k in p): tuple(v.shape)
+                       for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  saved, expected = flat(saved), flat(expected)
+  problems = [f'{k}: missing' for k in sorted(set(expected) - set(saved))]
+  problems += [f'{k}: unexpected' for k in sorted(set(saved) - set(expected))]
+  problems += [f'{k}: saved shape {saved[k]}, config.model expects {expected[k]}'
+               for k in sorted(set(saved) & set(expected)) if saved[k] != expected[k]]
+  if problems:
+    more = f' (+{len(problems) - 5} more)' if len(problems) > 5 else ''
+    raise ValueError(f'{path}: the saved weights do not match config.model: '
+                     + '; '.join(problems[:5]) + more)
 
 
 def load_model(path: str, model_config: ml_collections.ConfigDict | None = None) -> RSICRC:
@@ -63,13 +78,14 @@ def load_model(path: str, model_config: ml_collections.ConfigDict | None = None)
     with open(cfg_file) as f:
       model_config = ml_collections.ConfigDict(json.load(f))
   graphdef, target, rest = nnx.split(model_skeleton(model_config), _STATE_FILTER, ...)
+  expected = nnx.to_pure_dict(target)
+  state_path = os.path.join(os.path.abspath(path), 'state')
   with ocp.StandardCheckpointer() as ckptr:
-    try:
-      restored = ckptr.restore(os.path.join(os.path.abspath(path), 'state'),
-                               target.to_pure_dict())
-    except (ValueError, KeyError) as e:
-      raise ValueError(f'{path}: the saved weights do not match config.model ({e})') from e
-  target.replace_by_pure_dict(restored)
+    # Compare shapes first: a failed Orbax restore is slow and leaves background work behind.
+    saved = ckptr.metadata(state_path).item_metadata
+    _check_same_tree(path, dict(saved), expected)
+    restored = ckptr.restore(state_path, expected)
+  nnx.replace_by_pure_dict(target, restored)
   model = nnx.merge(graphdef, target, rest)
   model.eval()
   return model

@@ -144,3 +144,15 @@ def test_remoteclip_conversion(tmp_path):
     convert.convert_remoteclip(str(tmp_path / 'clip.npz'), levir.get_config(),
                                str(tmp_path / 'rn50.npz'))
   assert not (tmp_path / 'rn50.npz').exists()
+
+
+def test_load_model_with_mismatched_config_fails_clearly(tmp_path, state_npz):
+  config = reference_tiny.get_config()
+  convert.convert_rsicrc(state_npz, config, str(tmp_path / 'm'))
+  with pytest.raises(FileExistsError, match='already exists'):
+    convert.convert_rsicrc(state_npz, config, str(tmp_path / 'm'))
+  config.model.vocab_size = 31
+  with pytest.raises(ValueError, match='do not match config.model'):
+    model_io.load_model(str(tmp_path / 'm'), config.model)
+  with pytest.raises(FileNotFoundError, match='not a model directory'):
+    model_io.load_model(str(tmp_path))
