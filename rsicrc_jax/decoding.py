@@ -27,7 +27,7 @@ def _greedy(graphdef, state, img_before, img_after, *, start_id, end_id, pad_id,
 
   def step(t, carry):
     tokens, done = carry
-    logits = nnx.merge(graphdef, state).decoder(tokens[:, :max_len], visual_tokens).logits
+    logits = model.decoder(tokens[:, :max_len], visual_tokens).logits
     next_token = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, t, 1, keepdims=False), -1)
     next_token = jnp.where(done, pad_id, next_token).astype(jnp.int32)
     tokens = jax.lax.dynamic_update_index_in_dim(tokens, next_token, t + 1, 1)

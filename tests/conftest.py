@@ -1,6 +1,8 @@
+import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,6 +17,18 @@ def reference():
   """Arrays from the reference PyTorch RSICRC at a tiny size (see tests/fixtures/README.md)."""
   with np.load(os.path.join(FIXTURES, 'rsicrc_reference_tiny.npz')) as d:
     return {k: d[k] for k in d.files}
+
+
+@pytest.fixture(scope='session')
+def reference_json():
+  """The fixture's configuration and trainable parameter names."""
+  with open(os.path.join(FIXTURES, 'rsicrc_reference_tiny.json')) as f:
+    return json.load(f)
+
+
+def nhwc(x):
+  """Reference NCHW images -> the NHWC arrays the Flax model takes."""
+  return jnp.asarray(np.transpose(x, (0, 2, 3, 1)))
 
 
 @pytest.fixture(scope='session')

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -14,7 +13,7 @@ from configs import levir, reference_tiny
 from rsicrc_jax import convert, model_io, weights
 from rsicrc_jax.models.backbone import ModifiedResNet
 
-from conftest import FIXTURES, assert_close
+from conftest import FIXTURES, assert_close, nhwc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +35,6 @@ def test_cli_rsicrc_end_to_end(tmp_path, state_npz, reference):
   res = _cli('rsicrc', state_npz, '--config', 'configs/reference_tiny.py', '--out', str(out))
   assert res.returncode == 0, res.stderr
   model = model_io.load_model(str(out))
-  nhwc = lambda x: jnp.asarray(x.transpose(0, 2, 3, 1))
   vis_emb, _ = nnx.jit(lambda m, a, b: m.encode_images(a, b))(
       model, nhwc(reference['input/img_before']), nhwc(reference['input/img_after']))
   assert_close(vis_emb, reference['eval/vis_emb'], name='vis_emb after convert + load')

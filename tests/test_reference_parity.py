@@ -13,21 +13,17 @@ from configs import reference_tiny
 from rsicrc_jax import decoding, losses, weights
 from rsicrc_jax.models import RSICRC, model_skeleton, trainable_filter
 
-from conftest import assert_close
+from conftest import assert_close, nhwc
 
 # Biases of convolutions that feed a train-mode BatchNorm: their exact gradient is 0 (BN removes
 # the mean), so both implementations report float noise (~1e-8) there.
 PRE_BN_BIASES = ('encoder.LN.left.0.bias', 'encoder.LN.left.3.bias', 'encoder.LN.left.6.bias')
 
 
-def _nhwc(x):
-  return jnp.asarray(np.transpose(x, (0, 2, 3, 1)))
-
-
 @pytest.fixture(scope='module')
 def inputs(reference):
   r = reference
-  return dict(img_before=_nhwc(r['input/img_before']), img_after=_nhwc(r['input/img_after']),
+  return dict(img_before=nhwc(r['input/img_before']), img_after=nhwc(r['input/img_after']),
               tokens=jnp.asarray(r['input/input_ids'], jnp.int32),
               pad_mask=jnp.asarray(r['input/pad_mask']), flags=jnp.asarray(r['input/flags']),
               sentence_embs=jnp.asarray(r['input/sentence_embs']))
@@ -58,11 +54,8 @@ def eval_out(reference_state, inputs):
   return model, forward(model, i['img_before'], i['img_after'], i['tokens'], i['pad_mask'])
 
 
-def test_config_mirrors_fixture_json():
-  import json, os
-  from conftest import FIXTURES
-  with open(os.path.join(FIXTURES, 'rsicrc_reference_tiny.json')) as f:
-    ref = json.load(f)['config']
+def test_config_mirrors_fixture_json(reference_json):
+  ref = reference_json['config']
   m = reference_tiny.get_config().model
   assert list(m.backbone_layers) == ref['resnet_layers'] and m.backbone_width == ref['resnet_width']
   for key in ('d_model', 'vocab_size', 'max_len', 'num_heads', 'h_dim', 'a_dim', 'encoder_layers',
@@ -133,11 +126,8 @@ def test_train_losses(train_result, reference):
   assert_close(out.text_emb, reference['train/text_emb'], name='train text_emb')
 
 
-def test_gradients_of_every_trainable_parameter(train_result, reference):
-  import json, os
-  from conftest import FIXTURES
-  with open(os.path.join(FIXTURES, 'rsicrc_reference_tiny.json')) as f:
-    trainable = set(json.load(f)['trainable_parameters'])
+def test_gradients_of_every_trainable_parameter(train_result, reference, reference_json):
+  trainable = set(reference_json['trainable_parameters'])
   grads = weights.to_torch_state_dict(train_result[3])
   # Same trainable set, except the reference's never-used to_v weights (no gradient there).
   unused_v = {k for k in trainable if '.att.to_v.' in k}
