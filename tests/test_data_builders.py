@@ -1,0 +1,111 @@
+"""The LEVIR-CC TFDS builder: real pairs, all splits, FNA inputs, and every bad input."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from rsicrc_jax.data import captions as cap
+from data_helpers import build_levir, copy_mini, dataset_files, make_levir_tree, MINI
+
+
+def test_builds_the_real_levir_cc_pairs(tmp_path):
+  builder = build_levir(MINI, tmp_path / 'data')
+  assert list(builder.info.splits) == ['train']
+  source = builder.as_data_source('train')
+  records = cap.read_captions(os.path.join(MINI, 'LevirCCcaptions.json'))
+  assert len(source) == 3
+  by_id = {int(source[i]['imgid']): source[i] for i in range(3)}
+  for rec in records:
+    ex = by_id[rec.imgid]
+    for side, key in (('A', 'image_a'), ('B', 'image_b')):
+      png = np.asarray(Image.open(os.path.join(MINI, 'images', 'train', side, rec.filename)))
+      np.testing.assert_array_equal(ex[key], png)  # lossless, pixel for pixel
+    assert ex['filename'].decode() == rec.filename and int(ex['changeflag']) == 1
+    assert [c.decode() for c in ex['captions']] == list(rec.raws)
+    assert [t.decode().split() for t in ex['tokens']] == [list(t) for t in rec.tokens]
+  meta = builder.info.metadata
+  assert meta['vocab'] == cap.build_vocabulary(t for r in records for t in r.tokens)
+  assert meta['caption_lengths']['train'] == [[len(t) for t in r.tokens] for r in records]
+
+
+def test_all_splits_no_change_pairs_and_caption_ids(tmp_path):
+  entries = make_levir_tree(tmp_path / 'levir', with_changeflag=False)
+  builder = build_levir(tmp_path / 'levir', tmp_path / 'data')
+  assert {s: builder.info.splits[s].num_examples for s in ('train', 'val', 'test')} == {
+      'train': 6, 'val': 3, 'test': 3}
+  all_ids = {}
+  for split in ('train', 'val', 'test'):
+    source = builder.as_data_source(split)
+    for i in range(len(source)):
+      ex = source[i]
+      entry = entries[int(ex['imgid'])]
+      raws = [s['raw'] for s in entry['sentences']]
+      # No changeflag in this JSON: derived from the five no-change sentences.
+      expect_flag = 0 if raws[0] == ' there is no difference .' else 1
+      assert int(ex['changeflag']) == expect_flag
+      for raw, cid in zip(raws, ex['caption_ids']):
+        all_ids.setdefault(cap.normalize_caption(raw), set()).add(int(cid))
+  # One id per distinct normalised sentence, distinct sentences get distinct ids.
+  assert all(len(v) == 1 for v in all_ids.values())
+  assert len({next(iter(v)) for v in all_ids.values()}) == len(all_ids)
+  for s in cap.NO_CHANGE_SENTENCES:
+    assert s in all_ids
+
+
+@pytest.mark.parametrize('damage, message', [
+    ('no_json', 'LevirCCcaptions.json: caption file not found'),
+    ('bad_schema', re.escape('LevirCCcaptions.json: images[1] (train_000051.png): expected key '
+                             '"split"')),
+    ('missing_images', r'lists 6 images; 2 are missing under .*images, e\.g\. .*train_000016.png'),
+    ('corrupt_png', r'B/train_000051.png: cannot decode the image'),
+    ('wrong_size', r'A/train_000054.png: image is 200x200, expected 256x256'),
+    ('size_mismatch', r'train_000054.png: image is 128x128, expected 256x256'),
+])
+def test_bad_input_fails_clearly_and_leaves_nothing(tmp_path, damage, message):
+  root = copy_mini(tmp_path / 'levir')
+  images = os.path.join(root, 'images', 'train')
+  json_path = os.path.join(root, 'LevirCCcaptions.json')
+  if damage == 'no_json':
+    os.remove(json_path)
+  elif damage == 'bad_schema':
+    data = json.load(open(json_path))
+    del data['images'][1]['split']
+    json.dump(data, open(json_path, 'w'))
+  elif damage == 'missing_images':
+    os.remove(os.path.join(images, 'A', 'train_000016.png'))
+    os.remove(os.path.join(images, 'B', 'train_000016.png'))
+  elif damage == 'corrupt_png':
+    with open(os.path.join(images, 'B', 'train_000051.png'), 'r+b') as f:
+      f.seek(200)
+      f.write(b'\0' * 4000)
+  elif damage == 'wrong_size':
+    Image.new('RGB', (200, 200)).save(os.path.join(images, 'A', 'train_000054.png'))
+  elif damage == 'size_mismatch':
+    Image.new('RGB', (128, 128)).save(os.path.join(images, 'B', 'train_000054.png'))
+  data_dir = tmp_path / 'data'
+  with pytest.raises(cap.DataError, match=message):
+    build_levir(root, data_dir)
+  assert dataset_files(data_dir) == []
+  assert not (data_dir / 'levir_cc' / 'default' / '1.0.0').exists()
+
+
+def test_tfds_build_command_line(tmp_path):
+  """The README's command, through the real `tfds` CLI."""
+  tfds_cli = os.path.join(os.path.dirname(sys.executable), 'tfds')
+  if not os.path.exists(tfds_cli):
+    pytest.skip('the tfds command is not installed next to this Python')
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+      [tfds_cli, 'build', os.path.join(repo, 'datasets', 'levir_cc'), '--manual_dir', MINI,
+       '--data_dir', str(tmp_path)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  version_dir = tmp_path / 'levir_cc' / 'default' / '1.0.0'
+  meta = json.load(open(version_dir / 'metadata.json'))
+  assert meta['vocab']['the'] == 4 and meta['caption_lengths']['train'][0][0] == 9
+  assert any('array_record' in p for p in os.listdir(version_dir))
