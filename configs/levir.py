@@ -45,10 +45,24 @@ def get_loss_config() -> ml_collections.ConfigDict:
   return l
 
 
+def get_data_config() -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
+  d.name = 'levir_cc'  # built with: tfds build datasets/levir_cc --manual_dir DIR
+  # Fields of the TFDS builder config (rsicrc_jax/data/builders.py); 'default' = as built by a
+  # plain `tfds build`. A variant (e.g. with caption embeddings) needs its own name.
+  d.builder_config = ml_collections.ConfigDict({'name': 'default'})
+  d.data_dir = ''  # '' = the TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)
+  d.vocab_path = ''  # a {word: id} JSON (e.g. a released checkpoint's); '' = the dataset's own
+  d.num_threads = 4  # grain read threads
+  d.prefetch = 8  # batches prefetched
+  return d
+
+
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model = get_model_config()
   config.loss = get_loss_config()
+  config.data = get_data_config()
   config.seed = 42
   config.batch_size = 4
   config.epochs = 50

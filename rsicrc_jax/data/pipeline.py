@@ -1,0 +1,267 @@
+"""Input pipeline: built TFDS datasets -> batches of model inputs, with grain.
+
+Why grain over tf.data: the datasets are stored as array_record, which gives random access, so
+the whole pipeline is a `grain.MapDataset` indexed by position. That makes it deterministic given
+a seed, lets each process compute exactly its slice of every global batch, and makes the
+iterator state a position that checkpoints and restores exactly. No TensorFlow runs at train time.
+
+Items (SPEC section 1): training iterates (pair, caption) over every caption that fits max_len;
+val/test iterate pairs, the text input being the first caption that fits, with the five raw
+captions as references. Images leave the pipeline as uint8 after the resize and center crop;
+`normalize_images` (on device, inside the jitted step) does the float scaling, so the host moves
+4x fewer bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import grain
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from rsicrc_jax.data import builders
+from rsicrc_jax.data import captions as cap
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+BUILDERS = {'levir_cc': builders.LevirCCBuilder, 'synthetic_cc': builders.SyntheticCCBuilder}
+
+
+def build_hint(name: str) -> str:
+  if name == 'levir_cc':
+    return ('tfds build datasets/levir_cc --manual_dir /path/to/Levir-CC-dataset '
+            '[--data_dir DIR]')
+  return 'tfds build datasets/synthetic_cc [--data_dir DIR]'
+
+
+@dataclasses.dataclass
+class Dataset:
+  """A built dataset: its builder (for records) and the metadata the pipeline needs."""
+  name: str
+  builder: Any  # tfds.core.DatasetBuilder
+  vocab: dict[str, int]
+  caption_lengths: dict[str, list[list[int]]]
+
+  @property
+  def image_size(self) -> int:
+    return self.builder.builder_config.image_size
+
+  @property
+  def has_embeddings(self) -> bool:
+    return 'caption_embeddings' in self.builder.info.features
+
+  @property
+  def splits(self) -> tuple[str, ...]:
+    return tuple(self.caption_lengths)
+
+  def source(self, split: str):
+    if split not in self.caption_lengths:
+      raise cap.DataError(f'dataset {self.name} at {self.builder.data_dir} has no split "{split}"; '
+                          f'it has {list(self.caption_lengths)}')
+    return self.builder.as_data_source(split)
+
+
+def make_builder(data_cfg: Mapping[str, Any]):
+  """The TFDS builder named by `config.data` (name, builder_config, data_dir)."""
+  name = data_cfg['name']
+  if name not in BUILDERS:
+    raise cap.DataError(f'config.data.name: unknown dataset "{name}", expected one of '
+                        f'{sorted(BUILDERS)}')
+  cls = BUILDERS[name]
+  fields = dict(data_cfg.get('builder_config') or {})
+  fields.setdefault('name', 'default')
+  known = set(builders.config_fields(cls.BUILDER_CONFIGS[0])) | {'name', 'description'}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise cap.DataError(f'config.data.builder_config: unknown fields {unknown} for {name}; '
+                        f'expected some of {sorted(known)}')
+  config = cls.builder_config_cls(**fields)
+  for registered in cls.BUILDER_CONFIGS:
+    if registered.name != config.name:
+      continue
+    if builders.config_fields(registered) == builders.config_fields(config):
+      config = registered.name  # tfds wants the registered object itself for a registered name
+    else:
+      raise cap.DataError(
+          f'config.data.builder_config: name "{config.name}" is the registered config of {name}, '
+          f'but the other fields differ ({builders.config_fields(config)}); give the variant its own name')
+  data_dir = data_cfg.get('data_dir') or None
+  return cls(config=config, data_dir=os.path.expanduser(data_dir) if data_dir else None)
+
+
+def open_dataset(data_cfg: Mapping[str, Any], *, build_if_missing: bool = False) -> Dataset:
+  """Opens a built dataset; builds the synthetic one on request (it needs no download)."""
+  builder = make_builder(data_cfg)
+  name = data_cfg['name']
+  if not builder.is_prepared():
+    if build_if_missing and name == 'synthetic_cc':
+      builder.download_and_prepare()
+    else:
+      raise cap.DataError(
+          f'dataset {name} (config "{builder.builder_config.name}") is not built under '
+          f'{builder.data_dir}; run: {build_hint(name)}')
+  meta = builder.info.metadata
+  want = builders.config_fields(builder.builder_config)
+  if meta.get('builder_config', want) != want:
+    raise cap.DataError(f'{builder.data_dir} was built with {meta["builder_config"]}, but '
+                        f'config.data.builder_config asks for {want}; give the variant its own '
+                        'name or delete that folder')
+  vocab_path = data_cfg.get('vocab_path') or ''
+  vocab = cap.read_vocabulary(vocab_path) if vocab_path else cap.check_vocabulary(
+      dict(meta['vocab']), os.path.join(builder.data_dir, 'metadata.json'))
+  return Dataset(name, builder, vocab, {k: list(v) for k, v in meta['caption_lengths'].items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-item transforms.
+
+def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """SPEC section 2 geometry: shorter side to `size` (bicubic, as PIL does for torchvision's
+  Resize), then the central size x size crop. uint8 in, uint8 out."""
+  h, w = image.shape[:2]
+  if (h, w) != (size, size):
+    if h <= w:
+      nh, nw = size, int(size * w / h)
+    else:
+      nh, nw = int(size * h / w), size
+    image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BICUBIC))
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    image = image[top:top + size, left:left + size]
+  return image
+
+
+def normalize_images(images: jnp.ndarray, dtype=jnp.float32) -> jnp.ndarray:
+  """uint8 (..., H, W, 3) -> CLIP-normalised float: (x / 255 - mean) / std."""
+  x = images.astype(jnp.float32) / 255.0
+  x = (x - jnp.asarray(CLIP_MEAN, jnp.float32)) / jnp.asarray(CLIP_STD, jnp.float32)
+  return x.astype(dtype)
+
+
+def item_index(caption_lengths: list[list[int]], max_len: int, train: bool) -> np.ndarray:
+  """(N, 2) int32 rows of (pair, caption): every caption that fits when training, else the first
+  that fits per pair. Captions of more than max_len - 2 words are dropped, as in the reference."""
+  rows = []
+  for p, lengths in enumerate(caption_lengths):
+    fits = [c for c, n in enumerate(lengths) if n <= max_len - 2]
+    rows.extend((p, c) for c in (fits if train else fits[:1]))
+  return np.asarray(rows, np.int32).reshape(-1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fetch:
+  """Turns (pair, caption) into one model input item."""
+  source: Any
+  vocab: Mapping[str, int]
+  max_len: int
+  image_size: int
+  with_embeddings: bool
+  with_references: bool
+
+  def __call__(self, pair: int, caption: int, valid: bool) -> dict[str, Any]:
+    rec = self.source[int(pair)]
+    words = _text(rec['tokens'][caption]).split()
+    item = {
+        'image_a': resize_center_crop(rec['image_a'], self.image_size),
+        'image_b': resize_center_crop(rec['image_b'], self.image_size),
+        'tokens': cap.encode_caption(words, self.vocab, self.max_len),
+        # SPEC: the item label is -1 for a no-change pair, else the pair's imgid.
+        'flag': np.int32(-1 if int(rec['changeflag']) == 0 else int(rec['imgid'])),
+        'caption_id': np.int32(rec['caption_ids'][caption]),
+        'pair_index': np.int32(pair),
+        'valid': np.bool_(valid),
+    }
+    if self.with_embeddings:
+      item['caption_emb'] = np.asarray(rec['caption_embeddings'][caption], np.float32)
+    if self.with_references:
+      item['references'] = np.array([_text(c) for c in rec['captions']])
+    return item
+
+
+def _text(x) -> str:
+  return x.decode('utf-8') if isinstance(x, bytes) else str(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Which items each step of each process sees."""
+  num_items: int
+  global_batch: int
+  steps_per_epoch: int
+  num_epochs: int
+
+  @property
+  def num_steps(self) -> int:
+    return self.steps_per_epoch * self.num_epochs
+
+
+def make_batches(dataset: Dataset, split: str, *, global_batch: int, max_len: int,
+                 image_size: int, train: bool, seed: int = 0, num_epochs: int = 1,
+                 process_index: int = 0, process_count: int = 1,
+                 with_references: bool = False) -> tuple[grain.MapDataset, Plan]:
+  """A `grain.MapDataset` of this process's batches, and the plan it follows.
+
+  Training: items shuffled per epoch (a different permutation each epoch, fixed by `seed`), the
+  last partial batch of each epoch dropped. Evaluation: items in order, the last batch padded by
+  repeating item 0 with `valid` False so shapes stay fixed.
+
+  Step s of the global batch holds items s*B .. s*B+B-1 of the epoch order; process p reads the
+  contiguous slice p*b .. p*b+b-1 (b = B / process_count). Concatenating the processes' batches in
+  process order gives exactly the single-process global batch.
+  """
+  if global_batch % process_count:
+    raise cap.DataError(f'batch size {global_batch} must be divisible by the number of processes '
+                        f'({process_count})')
+  lengths = dataset.caption_lengths.get(split)
+  if lengths is None:
+    raise cap.DataError(f'dataset {dataset.name} has no split "{split}"; it has '
+                        f'{list(dataset.caption_lengths)}')
+  index = item_index(lengths, max_len, train)
+  n = len(index)
+  if n == 0:
+    raise cap.DataError(f'split "{split}" of {dataset.name} has no caption of at most '
+                        f'{max_len - 2} words')
+  steps = n // global_batch if train else math.ceil(n / global_batch)
+  if steps == 0:
+    raise cap.DataError(f'split "{split}" has {n} items, fewer than one batch of {global_batch}')
+  plan = Plan(n, global_batch, steps, num_epochs)
+  local = global_batch // process_count
+  order = grain.MapDataset.range(n)
+  if train:
+    order = order.shuffle(seed=seed)
+  order = order.repeat(num_epochs)
+  fetch = _Fetch(dataset.source(split), dataset.vocab, max_len, image_size,
+                 dataset.has_embeddings, with_references)
+
+  def load(k: int) -> dict[str, Any]:
+    step, slot = divmod(k, local)
+    epoch, step_in_epoch = divmod(step, steps)
+    i = step_in_epoch * global_batch + process_index * local + slot
+    valid = i < n
+    pair, caption = index[order[epoch * n + (i if valid else 0)]]
+    return fetch(pair, caption, valid)
+
+  ds = grain.MapDataset.range(plan.num_steps * local).map(load).batch(local, drop_remainder=True)
+  return ds, plan
+
+
+def iterate(ds: grain.MapDataset, *, num_threads: int = 4, prefetch: int = 8):
+  """A checkpointable iterator (`get_state` / `set_state`) with threaded prefetch."""
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                   prefetch_buffer_size=prefetch)))
+
+
+def vocab_words(vocab: Mapping[str, int]) -> list[str]:
+  return cap.id_to_word(vocab)
+
+
+def dataset_summary(dataset: Dataset) -> str:
+  sizes = {s: len(v) for s, v in dataset.caption_lengths.items()}
+  return json.dumps({'dataset': dataset.name, 'config': dataset.builder.builder_config.name,
+                     'pairs': sizes, 'vocab': len(dataset.vocab), 'image_size': dataset.image_size})

