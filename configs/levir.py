@@ -71,4 +71,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.weight_decay = 0.01
   config.warmup_fraction = 0.025
   config.max_grad_norm = 0.0  # 0 = no clipping
+  config.grad_accum_steps = 1  # >1: the batch is split into this many microbatches per update
+  config.eval_batch_size = 0  # 0 = batch_size
+  config.log_every_steps = 10
+
+  config.init = ml_collections.ConfigDict()
+  # RemoteCLIP RN50 image tower: RemoteCLIP-RN50.pt, or the .npz from `convert remoteclip`.
+  config.init.backbone = ''
+  config.init.checkpoint = ''  # a whole-model dir (convert rsicrc / a run's best/) to start from
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.keep = 2  # periodic checkpoints kept (best/ is kept apart)
+  config.checkpoint.every_steps = 0  # also save inside epochs every N steps; 0 = per epoch only
+
+  config.sharding = ml_collections.ConfigDict()
+  config.sharding.num_devices = 0  # devices on the 'data' mesh axis; 0 = all
+  config.sharding.fsdp = False  # shard params and optimizer state over 'data' (ZeRO-3 style)
   return config

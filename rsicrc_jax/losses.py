@@ -54,7 +54,8 @@ def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 def contrastive_loss(visual_emb: jax.Array, text_emb: jax.Array, flags: jax.Array,
                      false_negatives: jax.Array | None = None, *, temperature: float = 0.01,
-                     fne: bool = True, fna: bool = True, top_k: int = -1):
+                     fne: bool = True, fna: bool = True, top_k: int = -1,
+                     valid: jax.Array | None = None):
   """Image-to-text InfoNCE with False Negative Elimination / Attraction.
 
   visual_emb, text_emb: (N, C); flags: (N,) int, -1 for no-change pairs else the pair id;
@@ -65,6 +66,8 @@ def contrastive_loss(visual_emb: jax.Array, text_emb: jax.Array, flags: jax.Arra
   only the k most similar negative pairs of the whole batch stay negatives (as the reference).
   Loss = mean over positive pairs (a, p) of
   -log(exp(l_ap) / (exp(l_ap) + sum_n exp(l_an))), l = cos / temperature.
+  valid: optional (N,) bool; items with False (batch padding) are neither anchors, positives
+  nor negatives of anyone.
   Returns (loss, number of positive pairs).
   """
   n = visual_emb.shape[0]
@@ -78,6 +81,9 @@ def contrastive_loss(visual_emb: jax.Array, text_emb: jax.Array, flags: jax.Arra
     if fna:
       positive = positive | false_negatives
   positive, negative = positive | eye, negative & ~eye
+  if valid is not None:
+    both = valid[:, None] & valid[None, :]
+    positive, negative = positive & both, negative & both
 
   if top_k > 0:
     masked = jnp.where(negative, logits, -jnp.inf).reshape(-1)
@@ -91,7 +97,7 @@ def contrastive_loss(visual_emb: jax.Array, text_emb: jax.Array, flags: jax.Arra
   neg_lse = jax.nn.logsumexp(jnp.where(negative, logits, _NO_NEGATIVE), axis=1, keepdims=True)
   per_pair = jnp.logaddexp(logits, neg_lse) - logits
   num_pos = jnp.sum(positive)
-  return jnp.sum(per_pair * positive) / num_pos, num_pos
+  return jnp.sum(per_pair * positive) / jnp.maximum(num_pos, 1), num_pos
 
 
 def total_loss(cap_loss: jax.Array, con_loss: jax.Array, lamb: float) -> jax.Array:

@@ -68,6 +68,25 @@ def _check_same_tree(path: str, saved, expected) -> None:
                      + '; '.join(problems[:5]) + more)
 
 
+def state_dir(path: str) -> str:
+  """The Orbax state folder of a model dir: `path/state` (convert, save_model) or, for a
+  training run's `best/`, the state of its newest step (`path/<step>/state`)."""
+  path = os.path.abspath(path)
+  direct = os.path.join(path, 'state')
+  if os.path.isdir(direct):
+    return direct
+  steps = sorted((int(d) for d in os.listdir(path) if d.isdigit()
+                  and os.path.isdir(os.path.join(path, d, 'state'))), reverse=True)
+  if not steps:
+    raise FileNotFoundError(f'{path}: no saved weights (expected {direct} or <step>/state)')
+  return os.path.join(path, str(steps[0]), 'state')
+
+
+def state_dict_of(model: nnx.Module) -> dict:
+  """What a model dir stores: parameters and BatchNorm statistics as a pure nested dict."""
+  return nnx.to_pure_dict(nnx.state(model, _STATE_FILTER))
+
+
 def load_model(path: str, model_config: ml_collections.ConfigDict | None = None) -> RSICRC:
   """Builds an RSICRC from `model_config` (default: the saved one) and restores its weights."""
   cfg_file = os.path.join(path, 'config.json')
@@ -79,7 +98,7 @@ def load_model(path: str, model_config: ml_collections.ConfigDict | None = None)
       model_config = ml_collections.ConfigDict(json.load(f))
   graphdef, target, rest = nnx.split(model_skeleton(model_config), _STATE_FILTER, ...)
   expected = nnx.to_pure_dict(target)
-  state_path = os.path.join(os.path.abspath(path), 'state')
+  state_path = state_dir(path)
   with ocp.StandardCheckpointer() as ckptr:
     # Compare shapes first: a failed Orbax restore is slow and leaves background work behind.
     saved = ckptr.metadata(state_path).item_metadata

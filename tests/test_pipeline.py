@@ -12,7 +12,7 @@ import pytest
 from rsicrc_jax.data import captions as cap
 from rsicrc_jax.data import pipeline
 from conftest import FIXTURES
-from data_helpers import build_levir, MINI, tiny_synthetic_cfg, words_of
+from data_helpers import build_levir, MINI, tiny_synthetic_cfg
 
 
 @pytest.fixture(scope='module')

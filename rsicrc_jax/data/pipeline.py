@@ -181,6 +181,11 @@ class _Fetch:
       item['caption_emb'] = np.asarray(rec['caption_embeddings'][caption], np.float32)
     if self.with_references:
       item['references'] = np.array([_text(c) for c in rec['captions']])
+      # Every caption of the pair (for pair -> text retrieval); over-long ones are truncated.
+      item['all_tokens'] = np.stack([
+          cap.encode_caption(_text(t).split()[:self.max_len - 2], self.vocab, self.max_len)
+          for t in rec['tokens']])
+      item['all_caption_ids'] = np.asarray(rec['caption_ids'], np.int32)
     return item
 
 

@@ -1,0 +1,49 @@
+"""Train RSICRC.
+
+  python launch.py --config configs/demo.py [--workdir runs/demo] [--config.batch_size=64 ...]
+
+Relaunching the same command resumes from the workdir's last checkpoint. Multi-host: start one
+process per host with the JAX coordinator settings (--coordinator_address, --num_processes,
+--process_id), or none on a cluster that JAX detects by itself.
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config (a get_config() file).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and the best model go here '
+                               '(default: runs/<config file name>).')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for '
+                                   'multi-process runs.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process in a multi-process run.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  import jax  # pylint: disable=import-outside-toplevel
+  if _COORDINATOR.value:
+    if jax.config.jax_platforms in (None, '', 'cpu'):
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU cross-process
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  from rsicrc_jax import train  # pylint: disable=import-outside-toplevel
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or os.path.join(
+      'runs', os.path.splitext(os.path.basename(flags.FLAGS['config'].config_filename))[0])
+  logging.info('workdir %s, %d devices over %d processes', workdir, jax.device_count(),
+               jax.process_count())
+  result = train.train_and_evaluate(config, workdir)
+  if jax.process_index() == 0:
+    print(f'done: step {result.final_step}, best val loss {result.best_val_loss:.4f}; '
+          f'best model in {os.path.join(workdir, "best")}')
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('config')
+  app.run(main)

@@ -1,0 +1,94 @@
+"""The paper's metrics (SPEC section 8): captioning with pycocoevalcap, retrieval vectorised.
+
+Pure functions of arrays and strings; no I/O besides pycocoevalcap's own METEOR subprocess.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Sequence
+
+import numpy as np
+
+AT_K = (1, 3, 5, 10)
+
+
+def java_available() -> bool:
+  return shutil.which('java') is not None
+
+
+def caption_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]], *,
+                    meteor: bool = True) -> tuple[dict[str, float], list[str]]:
+  """BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (coco-caption definitions) of one hypothesis per
+  item against its references, as the reference computes them (strings split on whitespace, no
+  extra tokenisation). Returns (scores, notes); a note says why METEOR is missing, if it is."""
+  from pycocoevalcap.bleu.bleu import Bleu  # pylint: disable=import-outside-toplevel
+  from pycocoevalcap.cider.cider import Cider  # pylint: disable=import-outside-toplevel
+  from pycocoevalcap.rouge.rouge import Rouge  # pylint: disable=import-outside-toplevel
+  if len(hypotheses) != len(references) or not hypotheses:
+    raise ValueError(f'need one hypothesis per item: {len(hypotheses)} hypotheses, '
+                     f'{len(references)} reference sets')
+  res = {i: [h] for i, h in enumerate(hypotheses)}
+  gts = {i: list(r) for i, r in enumerate(references)}
+  scores, notes = {}, []
+  bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+  scores.update({f'BLEU-{n + 1}': float(b) for n, b in enumerate(bleu)})
+  if meteor and java_available():
+    from pycocoevalcap.meteor.meteor import Meteor  # pylint: disable=import-outside-toplevel
+    scorer = Meteor()
+    try:
+      scores['METEOR'] = float(scorer.compute_score(gts, res)[0])
+    finally:
+      scorer.close() if hasattr(scorer, 'close') else None
+  elif meteor:
+    notes.append('METEOR skipped: it runs a Java program and no `java` is on PATH (install a '
+                 'JRE, e.g. `apt-get install default-jre-headless`)')
+  scores['ROUGE-L'] = float(Rouge().compute_score(gts, res)[0])
+  scores['CIDEr-D'] = float(Cider().compute_score(gts, res)[0])
+  return scores, notes
+
+
+def retrieval_metrics(text_emb: np.ndarray, visual_emb: np.ndarray, relevant: np.ndarray,
+                      ks: Sequence[int] = AT_K) -> dict[str, float]:
+  """Text-to-pair retrieval as the reference ranks it: query i is pair i's caption embedding,
+  the index is every pair's visual embedding (L2-normalised, inner product).
+
+  relevant: (N, N) bool, relevant[i, x] = pair x answers query i (same flag, or the captions
+  count as the same sentence). P@k = hits in the top k / k, R@k = hits / |relevant|,
+  MRR@k = 1 / rank of the first hit within the top k (0 if none); means over queries.
+  """
+  scores = _normalize(text_emb) @ _normalize(visual_emb).T
+  order = np.argsort(-scores, axis=1, kind='stable')
+  hits = np.take_along_axis(relevant, order, axis=1)  # (N, N) in rank order
+  num_rel = relevant.sum(axis=1)
+  out = {}
+  for k in ks:
+    top = hits[:, :k]
+    first = np.where(top.any(axis=1), top.argmax(axis=1), -1)
+    out[f'P@{k}'] = float(np.mean(top.sum(axis=1) / k))
+    out[f'R@{k}'] = float(np.mean(top.sum(axis=1) / np.maximum(num_rel, 1)))
+    rr = np.divide(1.0, first + 1, out=np.zeros(len(first)), where=first >= 0)
+    out[f'MRR@{k}'] = float(np.mean(rr))
+  return out
+
+
+def relevance(flags: np.ndarray, same_caption: np.ndarray) -> np.ndarray:
+  """The reference's relevant set: same flag (every no-change pair for a no-change query, the
+  pair itself otherwise) or captions that count as the same sentence."""
+  return (flags[:, None] == flags[None, :]) | same_caption
+
+
+def image_to_text_recall(visual_emb: np.ndarray, caption_emb: np.ndarray, relevant: np.ndarray,
+                         ks: Sequence[int] = AT_K) -> dict[str, float]:
+  """Pair-to-caption retrieval (the reference lacks it): query = a pair's visual embedding,
+  index = every caption of the split; R@k = share of pairs with a relevant caption in the top k.
+  relevant: (N, M) bool over the M captions."""
+  scores = _normalize(visual_emb) @ _normalize(caption_emb).T
+  order = np.argsort(-scores, axis=1, kind='stable')
+  hits = np.take_along_axis(relevant, order, axis=1)
+  return {f'R@{k}': float(np.mean(hits[:, :k].any(axis=1))) for k in ks}
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+  x = np.asarray(x, np.float64)
+  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

@@ -1,0 +1,18 @@
+"""A run small enough for tests: the demo recipe on the `tiny` synthetic dataset, a small model."""
+
+from configs import demo
+
+
+def get_config():
+  c = demo.get_config()
+  m = c.model
+  m.backbone_layers, m.backbone_width, m.image_size, m.pos_table_size = (1, 1, 1, 1), 8, 64, 2
+  m.d_model, m.a_dim, m.h_dim, m.num_heads, m.max_len = 64, 64, 128, 4, 41
+  c.data.builder_config = {'name': 'tiny', 'image_size': 64, 'num_train': 40, 'num_val': 12,
+                           'num_test': 12}
+  c.data.num_threads = 1
+  c.batch_size = 8
+  c.epochs = 2
+  c.log_every_steps = 1
+  c.checkpoint.every_steps = 5
+  return c

@@ -1,0 +1,84 @@
+"""Cached greedy decoding and beam search against the uncached decoder and the reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import reference_tiny
+from rsicrc_jax import decoding, weights
+from rsicrc_jax.models.rsicrc import RSICRC, model_skeleton
+from conftest import nhwc
+
+
+@pytest.fixture(scope='module')
+def model_and_images(reference):
+  state = {k[len('state/'):]: v for k, v in reference.items() if k.startswith('state/')}
+  model = model_skeleton(reference_tiny.get_config().model)
+  weights.import_rsicrc(model, state)
+  model.eval()
+  return model, nhwc(reference['input/img_before']), nhwc(reference['input/img_after'])
+
+
+def _until_end(tokens):
+  return [row[:row.index(3) + 1] if 3 in row else row for row in np.asarray(tokens).tolist()]
+
+
+def test_cached_greedy_equals_uncached_and_the_reference(model_and_images, reference):
+  model, a, b = model_and_images
+  expected = [[t for t in row if t != -1] for row in reference['eval/greedy_tokens'].tolist()]
+  cached, finished, attn = decoding.greedy_decode_cached(model, a, b)
+  uncached, finished_u = decoding.greedy_decode(model, a, b)
+  np.testing.assert_array_equal(np.asarray(cached), np.asarray(uncached))
+  np.testing.assert_array_equal(np.asarray(finished), np.asarray(finished_u))
+  assert _until_end(cached) == expected
+  # The cached step's cross-attention equals the full pass's at every generated position.
+  full = model(a, b, cached[:, :-1], jnp.zeros(cached[:, :-1].shape, bool)).cross_attention
+  steps = [len(row) - 1 for row in _until_end(cached)]
+  for i, n in enumerate(steps):
+    np.testing.assert_allclose(np.asarray(attn[i, :n]), np.asarray(full[i, :n]), rtol=1e-4,
+                               atol=1e-6)
+
+
+def test_cached_greedy_on_random_weights_many_lengths():
+  cfg = reference_tiny.get_config().model
+  model = RSICRC(cfg, rngs=nnx.Rngs(3))
+  model.eval()
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.normal(size=(6, cfg.image_size, cfg.image_size, 3)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(6, cfg.image_size, cfg.image_size, 3)), jnp.float32)
+  for steps in (1, 4, cfg.max_len):
+    c, fc, _ = decoding.greedy_decode_cached(model, a, b, max_steps=steps)
+    u, fu = decoding.greedy_decode(model, a, b, max_steps=steps)
+    np.testing.assert_array_equal(np.asarray(c), np.asarray(u))
+
+
+def test_beam_size_one_is_greedy_and_wider_beams_score_at_least_as_well(model_and_images):
+  model, a, b = model_and_images
+  greedy, _, _ = decoding.greedy_decode_cached(model, a, b)
+  beam1, _, _ = decoding.beam_search(model, a, b, beam_size=1)
+  np.testing.assert_array_equal(np.asarray(beam1), np.asarray(greedy))
+
+  def logprob(tokens):
+    """Summed log-probability of each sequence under the model (full, uncached pass)."""
+    t = jnp.asarray(tokens)
+    logits = model(a, b, t[:, :-1], jnp.zeros(t[:, :-1].shape, bool)).logits
+    logp = np.asarray(jax_log_softmax(logits))
+    out = []
+    for i, row in enumerate(np.asarray(t).tolist()):
+      n = row.index(3) if 3 in row else len(row) - 1
+      out.append(sum(logp[i, j, row[j + 1]] for j in range(n)))
+    return np.asarray(out)
+
+  beam3, _, score3 = decoding.beam_search(model, a, b, beam_size=3)
+  np.testing.assert_allclose(logprob(beam3), np.asarray(score3), rtol=1e-4, atol=1e-4)
+  assert (logprob(beam3) >= logprob(greedy) - 1e-4).all()
+
+
+def jax_log_softmax(x):
+  return jax.nn.log_softmax(x.astype(jnp.float32), -1)
+
+
+def test_strip_tokens():
+  assert decoding.strip_tokens([[1, 5, 6, 3, 0], [1, 7, 7, 7, 7]]) == [[5, 6], [7, 7, 7, 7]]

@@ -1,0 +1,251 @@
+"""Training: sharded step equivalence, optimizer recipe, resume after SIGKILL, multi-process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import ml_collections
+from configs import demo
+from rsicrc_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(**extra):
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''),
+             TF_CPP_MIN_LOG_LEVEL='3')
+  env.update(extra)
+  return env
+
+
+@pytest.fixture(scope='module')
+def sharded():
+  out = subprocess.run([sys.executable, os.path.join(REPO, 'tests', 'workers', 'sharded_step.py')],
+                       capture_output=True, text=True, cwd=REPO, timeout=900,
+                       env=_env(XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize('variant', ['dp8', 'fsdp8'])
+def test_eight_devices_match_one_device(sharded, variant):
+  """Same global batch on 1 and on 8 (simulated) devices: the contrastive loss spans the global
+  batch, so losses, gradients and BN statistics agree to float rounding."""
+  one, many = sharded['single'], sharded[variant]
+  assert one['devices'] == 1 and many['devices'] == 8
+  if variant == 'fsdp8':
+    assert "P('data', None)" in many['specs']  # parameters really are split over devices
+  else:
+    assert many['specs'] == ['P()']
+  for a, b in zip(one['losses'], many['losses']):  # two steps: params, BN stats, dropout RNG
+    assert a['positive_pairs'] == b['positive_pairs']
+    for k in ('loss', 'caption_loss', 'contrastive_loss', 'grad_norm'):
+      assert abs(a[k] - b[k]) <= 2e-6 * abs(a[k]) + 1e-6, (k, a[k], b[k])
+  assert one['grads'].keys() == many['grads'].keys()
+  scale = max(np.abs(g).max() for g in map(np.asarray, one['grads'].values()))
+  for name in one['grads']:
+    g1, g8 = np.asarray(one['grads'][name]), np.asarray(many['grads'][name])
+    # Relative to the tensor, plus a floor for gradients that are exactly 0 in exact arithmetic
+    # (biases feeding a BatchNorm or an attention key): those are pure rounding on both sides.
+    assert np.abs(g1 - g8).max() <= 1e-5 * np.abs(g1).max() + 1e-7 * scale, name
+  for name in one['stats']:
+    np.testing.assert_allclose(one['stats'][name], many['stats'][name], rtol=1e-5, atol=1e-6)
+
+
+def test_schedule_is_warmup_then_constant():
+  c = ml_collections.ConfigDict({'learning_rate': 1e-3, 'warmup_fraction': 0.1})
+  sched = train.learning_rate_schedule(c, total_steps=100)
+  # HF get_constant_schedule_with_warmup: lr * step / warmup, the first update at step 0.
+  np.testing.assert_allclose([float(sched(s)) for s in (0, 1, 5, 10, 11, 99)],
+                             [0.0, 1e-4, 5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-6, atol=1e-12)
+
+
+def test_frozen_parameters_are_not_in_the_optimizer():
+  c = demo.get_config()
+  c.model.vocab_size = 30
+  model = train.create_model(c)
+  _, (params, frozen, stats, rng) = train.split_model(model, fine_tune=True)
+  assert set(frozen['encoder']['backbone']) == {'conv1', 'conv2', 'conv3', 'bn1', 'bn2', 'bn3',
+                                                'layer1'}
+  assert 'layer2' in params['encoder']['backbone'] and 'decoder' in params
+  assert set(stats['encoder']['backbone']['bn1']) == {'mean', 'var'}
+  _, (params_all, frozen_none, _, _) = train.split_model(model, fine_tune=False)
+  assert 'backbone' not in params_all['encoder'] and 'layer4' in frozen_none['encoder']['backbone']
+
+
+def test_incompatible_workdir_fails_clearly(tmp_path):
+  c = demo.get_config()
+  (tmp_path / 'config.json').write_text(c.to_json())
+  train.check_resumable(str(tmp_path), c)  # same config: fine
+  c.data.num_threads = 1  # not part of the run's identity
+  train.check_resumable(str(tmp_path), c)
+  c.model.d_model = 128
+  c.batch_size = 8
+  with pytest.raises(train.TrainingError, match=r'incompatible config \(config.batch_size: '
+                     r'workdir has 32, config has 8; config.model.d_model: workdir has 256'):
+    train.check_resumable(str(tmp_path), c)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole runs through launch.py on the tiny synthetic dataset.
+
+TINY = os.path.join(REPO, 'tests', 'configs', 'tiny_train.py')
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  """The tiny synthetic dataset, built once (launch.py would build it too, per process 0)."""
+  from rsicrc_jax.data import pipeline
+  d = tmp_path_factory.mktemp('tfds')
+  cfg = dict(demo.get_config().data.to_dict(), data_dir=str(d),
+             builder_config={'name': 'tiny', 'image_size': 64, 'num_train': 40, 'num_val': 12,
+                             'num_test': 12})
+  pipeline.open_dataset(cfg, build_if_missing=True)
+  return d
+
+
+def launch(workdir, data_dir, *extra, wait=True, log=None):
+  """Runs launch.py; output goes to a file (a pipe nobody drains could block the process)."""
+  cmd = [sys.executable, os.path.join(REPO, 'launch.py'), f'--config={TINY}',
+         f'--config.data.data_dir={data_dir}', f'--workdir={workdir}', *extra]
+  log = log or f'{workdir}.log'
+  with open(log, 'w') as f:
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+  proc.log = log
+  if not wait:
+    return proc
+  proc.wait(timeout=900)
+  out = open(log).read()
+  assert proc.returncode == 0, out[-4000:]
+  return out
+
+
+def train_losses(workdir):
+  """step -> the last logged train losses (a resumed run logs some steps twice)."""
+  out = {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      rec = json.loads(line)
+      if rec['split'] == 'train':
+        out[rec['step']] = (rec['loss'], rec['caption_loss'], rec['contrastive_loss'])
+  return out
+
+
+def val_losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {r['step']: r['loss'] for r in map(json.loads, f) if r['split'] == 'val'}
+
+
+@pytest.fixture(scope='module')
+def baseline(data_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('baseline')
+  out = launch(workdir, data_dir)
+  assert 'done: step 50' in out
+  return workdir
+
+
+def test_uninterrupted_run_writes_what_a_person_needs(baseline):
+  losses = train_losses(baseline)
+  assert sorted(losses) == list(range(1, 51))
+  assert sorted(val_losses(baseline)) == [25, 50]
+  assert os.listdir(os.path.join(baseline, 'tensorboard'))
+  from rsicrc_jax import model_io
+  model = model_io.load_model(os.path.join(baseline, 'best'))  # the best model is a model dir
+  assert model.decoder is not None
+
+
+def test_resume_after_sigkill_mid_epoch_matches_an_uninterrupted_run(baseline, data_dir, tmp_path):
+  workdir = tmp_path / 'killed'
+  proc = launch(workdir, data_dir, wait=False)
+  ckpts = workdir / 'checkpoints'
+  deadline = time.time() + 600
+  while time.time() < deadline:
+    steps = [int(d) for d in (os.listdir(ckpts) if ckpts.exists() else []) if d.isdigit()]
+    if any(10 <= s < 25 for s in steps):
+      break
+    assert proc.poll() is None, open(proc.log).read()[-3000:]
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)  # mid-epoch 1, after the step-10 (or 15/20) checkpoint
+  proc.wait()
+  killed_at = max(train_losses(workdir))
+  assert killed_at < 50
+  out = launch(workdir, data_dir)
+  assert 'done: step 50' in out
+  want, got = train_losses(baseline), train_losses(workdir)
+  assert sorted(got) == list(range(1, 51))
+  for step in range(1, 51):
+    np.testing.assert_allclose(got[step], want[step], rtol=1e-6, err_msg=f'step {step}')
+  vw, vg = val_losses(baseline), val_losses(workdir)
+  assert vg.keys() == vw.keys()
+  np.testing.assert_allclose([vg[s] for s in vw], [vw[s] for s in vw], rtol=1e-6)
+
+
+def test_two_processes_agree_with_one(baseline, data_dir, tmp_path):
+  """Two local processes (one CPU device each, gloo collectives) train on the same global
+  batches, each reading its half; losses equal the single-process run's."""
+  import portpicker
+  port = portpicker.pick_unused_port()
+  workdir = tmp_path / 'two'
+  procs = [launch(workdir, data_dir, f'--coordinator_address=localhost:{port}',
+                  '--num_processes=2', f'--process_id={i}', wait=False,
+                  log=str(tmp_path / f'process{i}.log')) for i in range(2)]
+  for p in procs:
+    p.wait(timeout=900)
+  outs = [open(p.log).read() for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+  assert '2 devices over 2 processes' in outs[0] and 'done: step 50' in outs[0]
+  want, got = train_losses(baseline), train_losses(workdir)
+  assert sorted(got) == list(range(1, 51))
+  # The cross-process all-reduce sums in another order than one process does: the first steps
+  # agree to float rounding; later, temperature-0.01 logits amplify those last bits, so the
+  # trajectories stay close but no longer bit-identical.
+  for step in range(1, 4):
+    np.testing.assert_allclose(got[step], want[step], rtol=2e-5, atol=1e-6,
+                               err_msg=f'step {step}')
+  for epoch in range(2):
+    steps = range(25 * epoch + 1, 25 * epoch + 26)
+    np.testing.assert_allclose(np.mean([got[s][0] for s in steps]),
+                               np.mean([want[s][0] for s in steps]), rtol=5e-3)
+  vw, vg = val_losses(baseline), val_losses(workdir)
+  assert vg.keys() == vw.keys()
+  np.testing.assert_allclose([vg[s] for s in vw], [vw[s] for s in vw], rtol=2e-2)
+
+
+def test_eval_command_on_the_trained_run(baseline, data_dir, tmp_path):
+  """`python -m rsicrc_jax.eval --workdir RUN` end to end: metrics, table, captions, figures."""
+  out_dir = tmp_path / 'eval'
+  out = subprocess.run([sys.executable, '-m', 'rsicrc_jax.eval', f'--workdir={baseline}',
+                        f'--out={out_dir}', '--num_figures=2'], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = json.load(open(out_dir / 'metrics.json'))
+  allp = report['results']['all']
+  assert allp['pairs'] == 12
+  assert {'BLEU-1', 'BLEU-4', 'ROUGE-L', 'CIDEr-D'} <= set(allp['captioning'])
+  assert set(allp['text_to_pair']) == {f'{m}@{k}' for m in ('P', 'R', 'MRR')
+                                      for k in (1, 3, 5, 10)}
+  assert 0 < report['results']['changed']['pairs'] < 12
+  lines = [json.loads(l) for l in open(out_dir / 'captions.jsonl')]
+  assert len(lines) == 12 and all(len(l['references']) == 5 for l in lines)
+  assert '| BLEU-1 |' in out.stdout and (out_dir / 'metrics.md').exists()
+  assert len(os.listdir(out_dir / 'figures')) == 2
+
+
+def test_eval_says_what_to_run(baseline, data_dir, tmp_path):
+  def run(*args):
+    return subprocess.run([sys.executable, '-m', 'rsicrc_jax.eval', f'--config={TINY}',
+                           f'--checkpoint={baseline}/best', *args], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+  out = run(f'--config.data.data_dir={tmp_path}')  # nothing built there
+  assert out.returncode != 0
+  assert 'is not built under' in out.stderr and 'tfds build datasets/synthetic_cc' in out.stderr
+  out = run(f'--config.data.data_dir={data_dir}', '--config.model.d_model=32')
+  assert out.returncode != 0
+  assert 'cannot load' in out.stderr and 'config.model expects' in out.stderr

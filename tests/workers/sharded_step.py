@@ -1,0 +1,79 @@
+"""Runs one training step of a small RSICRC on a 1-device mesh and on an 8-device mesh
+(replicated and FSDP) over the same global batch; prints the results as JSON.
+
+Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_train.py does).
+"""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+jax.config.update('jax_default_matmul_precision', 'highest')
+
+from configs import demo  # noqa: E402
+from rsicrc_jax import train  # noqa: E402
+
+
+def tiny_config():
+  c = demo.get_config()
+  m = c.model
+  m.backbone_layers, m.backbone_width, m.image_size, m.pos_table_size = (1, 1, 1, 1), 8, 64, 2
+  m.d_model, m.a_dim, m.h_dim, m.num_heads, m.vocab_size, m.max_len = 64, 64, 128, 4, 40, 12
+  c.batch_size = 16
+  return c
+
+
+def batch(n, c, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = np.zeros((n, c.model.max_len), np.int32)
+  for i in range(n):
+    k = rng.integers(2, c.model.max_len - 2)
+    tokens[i, 0], tokens[i, 1:k + 1], tokens[i, k + 1] = 1, rng.integers(4, 40, k), 3
+  flags = np.where(rng.random(n) < 0.4, -1, rng.integers(0, 6, n)).astype(np.int32)
+  return {'image_a': rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8),
+          'image_b': rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8),
+          'tokens': tokens, 'flag': flags,
+          'caption_id': rng.integers(0, 5, n).astype(np.int32)}
+
+
+def run(num_devices, fsdp):
+  c = tiny_config()
+  c.sharding.num_devices, c.sharding.fsdp = num_devices, fsdp
+  model = train.create_model(c)
+  model.train()
+  graphdef, (params, frozen, stats, rng) = train.split_model(model, c.model.fine_tune)
+  opt = train.make_optimizer(c, total_steps=100)
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
+                           batch_stats=stats, rng=rng, opt_state=opt.init(params))
+  mesh = train.make_mesh(c)
+  sh = train.state_sharding(state, mesh, fsdp)
+  state = jax.device_put(state, sh)
+  step = jax.jit(train.make_train_step(graphdef, c, opt),
+                 in_shardings=(sh, train.batch_sharding(mesh)), out_shardings=(sh, None))
+  grad_fn = jax.jit(train.make_grad_fn(graphdef, c),
+                    in_shardings=(sh.params, sh.frozen, sh.batch_stats, sh.rng,
+                                  train.batch_sharding(mesh)))
+  (_, _), grads = grad_fn(state.params, state.frozen, state.batch_stats, state.rng,
+                          train.global_batch(batch(c.batch_size, c, seed=0), mesh))
+  grads = {jax.tree_util.keystr(p): np.asarray(jax.device_get(v)).tolist()
+           for p, v in jax.tree_util.tree_flatten_with_path(grads)[0]}
+  losses = []
+  for s in range(2):  # the second step sees updated params, BN stats and advanced dropout RNG
+    state, aux = step(state, train.global_batch(batch(c.batch_size, c, seed=s), mesh))
+    losses.append({k: float(v) for k, v in aux.items()})
+  spec_kinds = sorted({str(x.sharding.spec) for x in jax.tree.leaves(state.params)})
+  flat = {jax.tree_util.keystr(p): np.asarray(jax.device_get(v)).ravel()[:64].tolist()
+          for p, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+  stats = {jax.tree_util.keystr(p): np.asarray(jax.device_get(v)).ravel()[:16].tolist()
+           for p, v in jax.tree_util.tree_flatten_with_path(state.batch_stats)[0]}
+  return {'losses': losses, 'grads': grads, 'params': flat, 'stats': stats, 'specs': spec_kinds,
+          'devices': int(mesh.shape['data'])}
+
+
+if __name__ == '__main__':
+  assert jax.device_count() == 8, jax.devices()
+  out = {'single': run(1, False), 'dp8': run(8, False), 'fsdp8': run(8, True)}
+  json.dump(out, sys.stdout)
