@@ -41,7 +41,11 @@ def main(argv):
   result = train.train_and_evaluate(config, workdir)
   if jax.process_index() == 0:
     print(f'done: step {result.final_step}, best val loss {result.best_val_loss:.4f}; '
-          f'best model in {os.path.join(workdir, "best")}')
+          f'best model in {os.path.join(workdir, "best")}', flush=True)
+    if config.final_eval:  # the paper's metrics for the best checkpoint, on the test split
+      from rsicrc_jax import eval as rsicrc_eval  # pylint: disable=import-outside-toplevel
+      rsicrc_eval.evaluate(config, os.path.join(workdir, 'best'), split='test',
+                           out_dir=os.path.join(workdir, 'eval_test'))
 
 
 if __name__ == '__main__':

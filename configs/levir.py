@@ -74,6 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.grad_accum_steps = 1  # >1: the batch is split into this many microbatches per update
   config.eval_batch_size = 0  # 0 = batch_size
   config.log_every_steps = 10
+  config.final_eval = True  # after training: `rsicrc_jax.eval` of best/ on the test split
 
   config.init = ml_collections.ConfigDict()
   # RemoteCLIP RN50 image tower: RemoteCLIP-RN50.pt, or the .npz from `convert remoteclip`.

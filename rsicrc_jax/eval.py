@@ -244,19 +244,22 @@ def evaluate(config, checkpoint: str, *, split: str = 'test', out_dir: str | Non
   return report
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'The config the model was trained '
-                                          'with (default with --workdir: its config.json).')
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A model dir (convert output or a run\'s '
-                                  'best/).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir: uses its config.json and '
-                               'best/.')
-_SPLIT = flags.DEFINE_enum('split', 'test', ['train', 'val', 'test'], 'Split to score.')
-_OUT = flags.DEFINE_string('out', None, 'Output dir (default: next to the checkpoint).')
-_BATCH = flags.DEFINE_integer('batch_size', 32, 'Pairs per batch.')
-_BEAM = flags.DEFINE_integer('beam_size', 1, '1 = greedy (the reference); e.g. 3 for beam.')
-_LP = flags.DEFINE_float('length_penalty', 0.0, 'Beam score / length ** this.')
-_FIGS = flags.DEFINE_integer('num_figures', 8, 'Pairs to draw.')
-_MAX_PAIRS = flags.DEFINE_integer('max_pairs', 0, 'Score only the first N pairs (0 = all).')
+def define_flags():
+  """The command line, defined only when this module is the program (launch.py imports it)."""
+  global _CONFIG, _CHECKPOINT, _WORKDIR, _SPLIT, _OUT, _BATCH, _BEAM, _LP, _FIGS, _MAX_PAIRS
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'The config the model was trained '
+                                            'with (default with --workdir: its config.json).')
+  _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A model dir (convert output or a run\'s '
+                                    'best/).')
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir: uses its config.json and '
+                                 'best/.')
+  _SPLIT = flags.DEFINE_enum('split', 'test', ['train', 'val', 'test'], 'Split to score.')
+  _OUT = flags.DEFINE_string('out', None, 'Output dir (default: next to the checkpoint).')
+  _BATCH = flags.DEFINE_integer('batch_size', 32, 'Pairs per batch.')
+  _BEAM = flags.DEFINE_integer('beam_size', 1, '1 = greedy (the reference); e.g. 3 for beam.')
+  _LP = flags.DEFINE_float('length_penalty', 0.0, 'Beam score / length ** this.')
+  _FIGS = flags.DEFINE_integer('num_figures', 8, 'Pairs to draw.')
+  _MAX_PAIRS = flags.DEFINE_integer('max_pairs', 0, 'Score only the first N pairs (0 = all).')
 
 
 def main(argv):
@@ -283,4 +286,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -15,4 +15,5 @@ def get_config():
   c.epochs = 2
   c.log_every_steps = 1
   c.checkpoint.every_steps = 5
+  c.final_eval = False  # test_eval_command_on_the_trained_run runs it
   return c
