@@ -63,7 +63,7 @@ def run_model(model, dataset: pipeline.Dataset, split: str, config, *, batch_siz
   embed, embed_text = _embed_fn(model)
   words = cap.id_to_word(dataset.vocab)
   out = {k: [] for k in ('visual', 'text', 'flag', 'caption_id', 'caption_emb', 'pair',
-                         'hypothesis', 'references', 'all_text', 'all_caption_ids', 'attention',
+                         'filename', 'hypothesis', 'references', 'all_text', 'all_caption_ids', 'attention',
                          'fused')}
   steps = plan.steps_per_epoch
   if max_pairs:
@@ -94,12 +94,14 @@ def run_model(model, dataset: pipeline.Dataset, split: str, config, *, batch_siz
     out['all_text'].append(all_text[keep])
     out['all_caption_ids'].append(b['all_caption_ids'][keep])
     for i in keep:
+      out['filename'].append(str(b['filename'][i]))
       out['hypothesis'].append(cap.decode_caption(np.asarray(tokens[i]), words))
       out['references'].append([str(r) for r in b['references'][i]])
     if attn is not None:
       out['attention'].append(np.asarray(attn)[keep])
       out['fused'].append(np.asarray(visual_tokens)[keep].mean(-1))
-  arrays = {k: (np.concatenate(v) if v and k not in ('hypothesis', 'references') else v)
+  arrays = {k: (np.concatenate(v) if v and k not in ('filename', 'hypothesis', 'references')
+                else v)
             for k, v in out.items()}
   if max_pairs:
     arrays = {k: v[:max_pairs] for k, v in arrays.items()}
@@ -190,7 +192,7 @@ def save_figures(run, dataset, split, config, out_dir, num: int) -> list[str]:
     axes[3].set_title('cross-attention')
     for ax in axes:
       ax.axis('off')
-    name = rec['filename'].decode() if isinstance(rec['filename'], bytes) else rec['filename']
+    name = run['filename'][i]
     fig.suptitle(f'{name}: {run["hypothesis"][i]}\nref: {run["references"][i][0].strip()}',
                  fontsize=9)
     fig.tight_layout()
@@ -230,10 +232,8 @@ def evaluate(config, checkpoint: str, *, split: str = 'test', out_dir: str | Non
   with open(os.path.join(out_dir, 'metrics.md'), 'w') as f:
     f.write(table)
   with open(os.path.join(out_dir, 'captions.jsonl'), 'w') as f:
-    source = dataset.source(split)
-    for i, p in enumerate(run['pair']):
-      name = source[int(p)]['filename']
-      f.write(json.dumps({'filename': name.decode() if isinstance(name, bytes) else name,
+    for i, name in enumerate(run['filename']):
+      f.write(json.dumps({'filename': name,
                           'changed': bool(run['flag'][i] != -1),
                           'caption': run['hypothesis'][i],
                           'references': [r.strip() for r in run['references'][i]]}) + '\n')

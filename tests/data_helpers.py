@@ -71,9 +71,7 @@ def dataset_files(data_dir):
 
 
 def tiny_synthetic_cfg(data_dir, **over):
-  fields = dict(builders.SyntheticCCBuilder.PRESETS['tiny'].__dict__)
-  fields = {k: v for k, v in fields.items() if k in builders.config_fields(
-      builders.SyntheticCCBuilder.PRESETS['tiny'])}
+  fields = builders.config_fields(builders.SyntheticCCBuilder.PRESETS['tiny'])
   fields['name'] = 'tiny'
   fields.update(over)
   return {'name': 'synthetic_cc', 'builder_config': fields, 'data_dir': str(data_dir)}

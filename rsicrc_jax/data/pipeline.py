@@ -181,6 +181,7 @@ class _Fetch:
       item['caption_emb'] = np.asarray(rec['caption_embeddings'][caption], np.float32)
     if self.with_references:
       item['references'] = np.array([_text(c) for c in rec['captions']])
+      item['filename'] = np.array(_text(rec['filename']))
       # Every caption of the pair (for pair -> text retrieval); over-long ones are truncated.
       item['all_tokens'] = np.stack([
           cap.encode_caption(_text(t).split()[:self.max_len - 2], self.vocab, self.max_len)
@@ -260,10 +261,6 @@ def iterate(ds: grain.MapDataset, *, num_threads: int = 4, prefetch: int = 8):
   """A checkpointable iterator (`get_state` / `set_state`) with threaded prefetch."""
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                    prefetch_buffer_size=prefetch)))
-
-
-def vocab_words(vocab: Mapping[str, int]) -> list[str]:
-  return cap.id_to_word(vocab)
 
 
 def dataset_summary(dataset: Dataset) -> str:
