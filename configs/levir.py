@@ -70,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.adam_eps = 1e-8
   config.weight_decay = 0.01
   config.warmup_fraction = 0.025
+  config.lr_schedule = 'constant'  # after warmup; 'cosine' decays to 0 at the last step
   config.max_grad_norm = 0.0  # 0 = no clipping
   config.grad_accum_steps = 1  # >1: the batch is split into this many microbatches per update
   config.eval_batch_size = 0  # 0 = batch_size

@@ -112,9 +112,16 @@ def create_model(config: ml_collections.ConfigDict) -> RSICRC:
 # Optimizer (SPEC section 7).
 
 def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 over warmup_fraction of all steps, then constant (HF's
-  get_constant_schedule_with_warmup, whose first update uses lr 0)."""
+  """Linear warmup from 0 over warmup_fraction of all steps, then (config.lr_schedule):
+  'constant', the reference (HF's get_constant_schedule_with_warmup, whose first update uses
+  lr 0); or 'cosine', a cosine decay to 0 at the last step."""
   warmup = int(config.warmup_fraction * total_steps)
+  kind = config.get('lr_schedule', 'constant')
+  if kind == 'cosine':
+    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup,
+                                              max(total_steps, warmup + 1))
+  if kind != 'constant':
+    raise ValueError(f"config.lr_schedule: expected 'constant' or 'cosine', got {kind!r}")
   if warmup <= 0:
     return optax.constant_schedule(config.learning_rate)
   return optax.join_schedules(
@@ -228,28 +235,34 @@ def make_grad_fn(graphdef, config):
   return jax.value_and_grad(loss_fn, has_aux=True)
 
 
+def accumulate_gradients(grad_fn, state: TrainState, batch, accum: int):
+  """Gradients of the trainable params averaged over `accum` microbatches, run in sequence with
+  BN statistics and dropout RNG carried from one to the next; each microbatch is its own
+  contrastive batch. Microbatch j = items j, j+k, j+2k, ...: each device's slice of the batch
+  splits evenly over the microbatches, so every microbatch stays spread over all devices.
+  Returns (grads, aux averaged over microbatches, new batch_stats, new rng)."""
+  if accum == 1:
+    (_, (aux, stats, rng)), grads = grad_fn(state.params, state.frozen, state.batch_stats,
+                                            state.rng, batch)
+    return grads, aux, stats, rng
+  micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, accum, *x.shape[1:]), 0, 1), batch)
+
+  def body(carry, mb):
+    grads, stats, rng = carry
+    (_, (aux, stats, rng)), g = grad_fn(state.params, state.frozen, stats, rng, mb)
+    return (jax.tree.map(jnp.add, grads, g), stats, rng), aux
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  (grads, stats, rng), auxes = jax.lax.scan(body, (zeros, state.batch_stats, state.rng), micro)
+  return jax.tree.map(lambda g: g / accum, grads), jax.tree.map(jnp.mean, auxes), stats, rng
+
+
 def make_train_step(graphdef, config, optimizer: optax.GradientTransformation):
   accum = max(int(config.get('grad_accum_steps', 1)), 1)
   grad_fn = make_grad_fn(graphdef, config)
 
   def step(state: TrainState, batch):
-    if accum == 1:
-      (_, (aux, stats, rng)), grads = grad_fn(state.params, state.frozen, state.batch_stats,
-                                              state.rng, batch)
-    else:
-      # k microbatches in sequence (each its own contrastive batch), gradients averaged.
-      micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
-
-      def body(carry, mb):
-        grads, stats, rng = carry
-        (_, (aux, stats, rng)), g = grad_fn(state.params, state.frozen, stats, rng, mb)
-        return (jax.tree.map(jnp.add, grads, g), stats, rng), aux
-
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
-      (grads, stats, rng), auxes = jax.lax.scan(body, (zeros, state.batch_stats, state.rng),
-                                                micro)
-      grads = jax.tree.map(lambda g: g / accum, grads)
-      aux = jax.tree.map(jnp.mean, auxes)
+    grads, aux, stats, rng = accumulate_gradients(grad_fn, state, batch, accum)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     aux = dict(aux, grad_norm=optax.global_norm(grads))
@@ -318,7 +331,8 @@ class MetricWriter:
 
 # What must match for a workdir's checkpoint to be resumed by a config.
 _RESUME_KEYS = ('model', 'loss', 'data', 'seed', 'batch_size', 'epochs', 'learning_rate',
-                'adam_eps', 'weight_decay', 'warmup_fraction', 'max_grad_norm', 'grad_accum_steps')
+                'adam_eps', 'weight_decay', 'warmup_fraction', 'lr_schedule', 'max_grad_norm',
+                'grad_accum_steps')
 
 
 def resume_fingerprint(config) -> dict:
@@ -489,9 +503,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
         f.write(config.to_json(indent=2))
 
   mesh = make_mesh(config)
-  if config.batch_size % mesh.shape['data']:
-    raise TrainingError(f'batch_size {config.batch_size} must be divisible by the number of '
-                        f'devices on the data axis ({mesh.shape["data"]})')
+  accum = max(int(config.get('grad_accum_steps', 1)), 1)
+  if config.batch_size % (accum * mesh.shape['data']):
+    raise TrainingError(
+        f'config.batch_size={config.batch_size} must be divisible by config.grad_accum_steps '
+        f'({accum}) times the number of devices on the data axis ({mesh.shape["data"]})')
   train_batches, plan = pipeline.make_batches(
       dataset, 'train', global_batch=config.batch_size, max_len=config.model.max_len,
       image_size=config.model.image_size, train=True, seed=config.seed,

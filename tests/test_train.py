@@ -33,11 +33,13 @@ def sharded():
   return json.loads(out.stdout)
 
 
-@pytest.mark.parametrize('variant', ['dp8', 'fsdp8'])
-def test_eight_devices_match_one_device(sharded, variant):
+@pytest.mark.parametrize('single,variant', [('single', 'dp8'), ('single', 'fsdp8'),
+                                            ('single_accum2', 'dp8_accum2')])
+def test_eight_devices_match_one_device(sharded, single, variant):
   """Same global batch on 1 and on 8 (simulated) devices: the contrastive loss spans the global
-  batch, so losses, gradients and BN statistics agree to float rounding."""
-  one, many = sharded['single'], sharded[variant]
+  batch (or each microbatch with accumulation), so losses, gradients and BN statistics agree to
+  float rounding."""
+  one, many = sharded[single], sharded[variant]
   assert one['devices'] == 1 and many['devices'] == 8
   if variant == 'fsdp8':
     assert "P('data', None)" in many['specs']  # parameters really are split over devices
@@ -58,12 +60,44 @@ def test_eight_devices_match_one_device(sharded, variant):
     np.testing.assert_allclose(one['stats'][name], many['stats'][name], rtol=1e-5, atol=1e-6)
 
 
+def test_gradient_accumulation_equals_microbatches_by_hand(sharded):
+  """grad_accum_steps=2 under jit = two gradient passes written out (BN statistics and dropout
+  RNG carried across microbatches), averaged."""
+  step, by_hand = sharded['by_hand_accum2']['step'], sharded['by_hand_accum2']['by_hand']
+  assert abs(step['loss'] - by_hand['loss']) <= 1e-5 * abs(by_hand['loss'])
+  scale = max(np.abs(g).max() for g in by_hand['grads'].values())
+  assert scale > 0
+  for name, want in by_hand['grads'].items():
+    # Same tolerance as across devices: 1e-5 of the tensor's largest entry (scan vs two calls
+    # fuse differently), plus a floor for entries that are 0 in exact arithmetic.
+    got, want = np.asarray(step['grads'][name]), np.asarray(want)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max() + 1e-7 * scale, name
+  for name, want in by_hand['stats'].items():
+    np.testing.assert_allclose(step['stats'][name], want, rtol=1e-5, atol=1e-6, err_msg=name)
+  # Each microbatch is its own contrastive batch (8 items, not 16): a different loss.
+  single, accum = sharded['single']['losses'][0], sharded['single_accum2']['losses'][0]
+  assert abs(single['contrastive_loss'] - accum['contrastive_loss']) > 1e-3
+
+
 def test_schedule_is_warmup_then_constant():
   c = ml_collections.ConfigDict({'learning_rate': 1e-3, 'warmup_fraction': 0.1})
   sched = train.learning_rate_schedule(c, total_steps=100)
   # HF get_constant_schedule_with_warmup: lr * step / warmup, the first update at step 0.
   np.testing.assert_allclose([float(sched(s)) for s in (0, 1, 5, 10, 11, 99)],
                              [0.0, 1e-4, 5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-6, atol=1e-12)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+  c = ml_collections.ConfigDict({'learning_rate': 1e-3, 'warmup_fraction': 0.1,
+                                 'lr_schedule': 'cosine'})
+  sched = train.learning_rate_schedule(c, total_steps=110)
+  # Warmup over 11 steps, then 1e-3 * (1 + cos(pi * t / 99)) / 2 for t = step - 11.
+  for step, want in ((0, 0.0), (5, 1e-3 * 5 / 11), (11, 1e-3), (11 + 33, 1e-3 * 0.75),
+                     (11 + 66, 1e-3 * 0.25), (110, 0.0)):
+    np.testing.assert_allclose(float(sched(step)), want, rtol=1e-5, atol=1e-9)
+  c.lr_schedule = 'linear'
+  with pytest.raises(ValueError, match="config.lr_schedule: expected 'constant' or 'cosine'"):
+    train.learning_rate_schedule(c, total_steps=110)
 
 
 def test_frozen_parameters_are_not_in_the_optimizer():
@@ -105,7 +139,7 @@ def data_dir(tmp_path_factory):
   d = tmp_path_factory.mktemp('tfds')
   cfg = dict(demo.get_config().data.to_dict(), data_dir=str(d),
              builder_config={'name': 'tiny', 'image_size': 64, 'num_train': 40, 'num_val': 12,
-                             'num_test': 12})
+                             'num_test': 12, 'change_fraction': 0.5})
   pipeline.open_dataset(cfg, build_if_missing=True)
   return d
 

@@ -1,5 +1,6 @@
-"""Runs one training step of a small RSICRC on a 1-device mesh and on an 8-device mesh
-(replicated and FSDP) over the same global batch; prints the results as JSON.
+"""Runs training steps of a small RSICRC on a 1-device mesh and on an 8-device mesh (replicated,
+FSDP, and with gradient accumulation) over the same global batches, and gradient accumulation
+against the same done by hand; prints the results as JSON.
 
 Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_train.py does).
 """
@@ -39,9 +40,15 @@ def batch(n, c, seed=0):
           'caption_id': rng.integers(0, 5, n).astype(np.int32)}
 
 
-def run(num_devices, fsdp):
+def _flat(tree, n):
+  return {jax.tree_util.keystr(p): np.asarray(jax.device_get(v)).ravel()[:n].tolist()
+          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def run(num_devices, fsdp, accum=1):
   c = tiny_config()
   c.sharding.num_devices, c.sharding.fsdp = num_devices, fsdp
+  c.grad_accum_steps = accum
   model = train.create_model(c)
   model.train()
   graphdef, (params, frozen, stats, rng) = train.split_model(model, c.model.fine_tune)
@@ -65,15 +72,42 @@ def run(num_devices, fsdp):
     state, aux = step(state, train.global_batch(batch(c.batch_size, c, seed=s), mesh))
     losses.append({k: float(v) for k, v in aux.items()})
   spec_kinds = sorted({str(x.sharding.spec) for x in jax.tree.leaves(state.params)})
-  flat = {jax.tree_util.keystr(p): np.asarray(jax.device_get(v)).ravel()[:64].tolist()
-          for p, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
-  stats = {jax.tree_util.keystr(p): np.asarray(jax.device_get(v)).ravel()[:16].tolist()
-           for p, v in jax.tree_util.tree_flatten_with_path(state.batch_stats)[0]}
-  return {'losses': losses, 'grads': grads, 'params': flat, 'stats': stats, 'specs': spec_kinds,
+  return {'losses': losses, 'grads': grads, 'params': _flat(state.params, 64),
+          'stats': _flat(state.batch_stats, 16), 'specs': spec_kinds,
           'devices': int(mesh.shape['data'])}
+
+
+def accumulate_by_hand(accum):
+  """Gradient accumulation written out step by step (each microbatch = items j, j+k, ...; its
+  gradient at the same params; BN statistics and dropout RNG carried to the next microbatch;
+  gradients averaged) against `train.accumulate_gradients` under jit."""
+  c = tiny_config()
+  model = train.create_model(c)
+  model.train()
+  graphdef, (params, frozen, stats, rng) = train.split_model(model, c.model.fine_tune)
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
+                           batch_stats=stats, rng=rng, opt_state=None)
+  grad_fn = train.make_grad_fn(graphdef, c)
+  full = batch(c.batch_size, c, seed=0)
+  total, losses = None, []
+  jit_grad_fn = jax.jit(grad_fn)
+  for j in range(accum):
+    micro = {k: v[j::accum] for k, v in full.items()}
+    (_, (aux, stats, rng)), g = jit_grad_fn(params, frozen, stats, rng, micro)
+    total = g if total is None else jax.tree.map(jnp.add, total, g)
+    losses.append(float(aux['loss']))
+  by_hand = jax.tree.map(lambda g: g / accum, total)
+  grads, aux, jit_stats, _ = jax.jit(
+      lambda s, b: train.accumulate_gradients(grad_fn, s, b, accum))(state, full)
+  return {'by_hand': {'loss': float(np.mean(losses)), 'grads': _flat(by_hand, 256),
+                      'stats': _flat(stats, 16)},
+          'step': {'loss': float(aux['loss']), 'grads': _flat(grads, 256),
+                   'stats': _flat(jit_stats, 16)}}
 
 
 if __name__ == '__main__':
   assert jax.device_count() == 8, jax.devices()
-  out = {'single': run(1, False), 'dp8': run(8, False), 'fsdp8': run(8, True)}
+  out = {'single': run(1, False), 'dp8': run(8, False), 'fsdp8': run(8, True),
+         'single_accum2': run(1, False, accum=2), 'dp8_accum2': run(8, False, accum=2),
+         'by_hand_accum2': accumulate_by_hand(2)}
   json.dump(out, sys.stdout)
