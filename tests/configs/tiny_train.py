@@ -9,7 +9,7 @@ def get_config():
   m.backbone_layers, m.backbone_width, m.image_size, m.pos_table_size = (1, 1, 1, 1), 8, 64, 2
   m.d_model, m.a_dim, m.h_dim, m.num_heads, m.max_len = 64, 64, 128, 4, 41
   c.data.builder_config = {'name': 'tiny', 'image_size': 64, 'num_train': 40, 'num_val': 12,
-                           'num_test': 12}
+                           'num_test': 12, 'change_fraction': 0.5}
   c.data.num_threads = 1
   c.batch_size = 8
   c.epochs = 2
