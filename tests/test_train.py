@@ -122,7 +122,7 @@ def test_incompatible_workdir_fails_clearly(tmp_path):
   c.model.d_model = 128
   c.batch_size = 8
   with pytest.raises(train.TrainingError, match=r'incompatible config \(config.batch_size: '
-                     r'workdir has 32, config has 8; config.model.d_model: workdir has 256'):
+                     r'workdir has 32, config has 8; config.model.d_model: workdir has 192'):
     train.check_resumable(str(tmp_path), c)
 
 
