@@ -4,7 +4,7 @@
 
 The synthetic dataset (datasets/synthetic_cc, default config) is built on first use. The model
 is the reference architecture at a small size: a narrow ModifiedResNet at 96 px (3x3 feature
-map, one cell per named place of the synthetic scenes), d_model 256.
+map, one cell per named place of the synthetic scenes), d_model 192.
 """
 
 from configs import levir
