@@ -235,6 +235,11 @@ def make_grad_fn(graphdef, config):
   return jax.value_and_grad(loss_fn, has_aux=True)
 
 
+def grad_accum_steps(config) -> int:
+  """Microbatches per update (config.grad_accum_steps; absent or < 1 means 1)."""
+  return max(int(config.get('grad_accum_steps', 1)), 1)
+
+
 def accumulate_gradients(grad_fn, state: TrainState, batch, accum: int):
   """Gradients of the trainable params averaged over `accum` microbatches, run in sequence with
   BN statistics and dropout RNG carried from one to the next; each microbatch is its own
@@ -258,7 +263,7 @@ def accumulate_gradients(grad_fn, state: TrainState, batch, accum: int):
 
 
 def make_train_step(graphdef, config, optimizer: optax.GradientTransformation):
-  accum = max(int(config.get('grad_accum_steps', 1)), 1)
+  accum = grad_accum_steps(config)
   grad_fn = make_grad_fn(graphdef, config)
 
   def step(state: TrainState, batch):
@@ -503,7 +508,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
         f.write(config.to_json(indent=2))
 
   mesh = make_mesh(config)
-  accum = max(int(config.get('grad_accum_steps', 1)), 1)
+  accum = grad_accum_steps(config)
   if config.batch_size % (accum * mesh.shape['data']):
     raise TrainingError(
         f'config.batch_size={config.batch_size} must be divisible by config.grad_accum_steps '
