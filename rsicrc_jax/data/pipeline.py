@@ -25,13 +25,19 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from rsicrc_jax.data import builders
 from rsicrc_jax.data import captions as cap
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-BUILDERS = {'levir_cc': builders.LevirCCBuilder, 'synthetic_cc': builders.SyntheticCCBuilder}
+DATASETS = ('levir_cc', 'synthetic_cc')
+
+
+def _builders():
+  # TFDS (and TensorFlow behind it) loads only when a dataset is opened: the train step, the
+  # benchmarks and the accelerator check import this module on machines without them.
+  from rsicrc_jax.data import builders  # pylint: disable=import-outside-toplevel
+  return builders
 
 
 def build_hint(name: str) -> str:
@@ -71,10 +77,11 @@ class Dataset:
 def make_builder(data_cfg: Mapping[str, Any]):
   """The TFDS builder named by `config.data` (name, builder_config, data_dir)."""
   name = data_cfg['name']
-  if name not in BUILDERS:
+  if name not in DATASETS:
     raise cap.DataError(f'config.data.name: unknown dataset "{name}", expected one of '
-                        f'{sorted(BUILDERS)}')
-  cls = BUILDERS[name]
+                        f'{sorted(DATASETS)}')
+  builders = _builders()
+  cls = {'levir_cc': builders.LevirCCBuilder, 'synthetic_cc': builders.SyntheticCCBuilder}[name]
   fields = dict(data_cfg.get('builder_config') or {})
   fields.setdefault('name', 'default')
   known = set(builders.config_fields(cls.BUILDER_CONFIGS[0])) | {'name', 'description'}
@@ -108,7 +115,7 @@ def open_dataset(data_cfg: Mapping[str, Any], *, build_if_missing: bool = False)
           f'dataset {name} (config "{builder.builder_config.name}") is not built under '
           f'{builder.data_dir}; run: {build_hint(name)}')
   meta = builder.info.metadata
-  want = builders.config_fields(builder.builder_config)
+  want = _builders().config_fields(builder.builder_config)
   if meta.get('builder_config', want) != want:
     raise cap.DataError(f'{builder.data_dir} was built with {meta["builder_config"]}, but '
                         f'config.data.builder_config asks for {want}; give the variant its own '
