@@ -40,12 +40,13 @@ def main(argv):
                jax.process_count())
   result = train.train_and_evaluate(config, workdir)
   if jax.process_index() == 0:
-    print(f'done: step {result.final_step}, best val loss {result.best_val_loss:.4f}; '
+    best = 'none' if result.best_value is None else f'{result.best_value:.4f}'
+    print(f'done: step {result.final_step}, best {result.best_metric} {best}; '
           f'best model in {os.path.join(workdir, "best")}', flush=True)
-    if config.final_eval:  # the paper's metrics for the best checkpoint, on the test split
+    if config.final_eval:  # the paper's metrics for the best checkpoint (config.eval.split)
       from rsicrc_jax import eval as rsicrc_eval  # pylint: disable=import-outside-toplevel
-      rsicrc_eval.evaluate(config, os.path.join(workdir, 'best'), split='test',
-                           out_dir=os.path.join(workdir, 'eval_test'))
+      rsicrc_eval.evaluate(config, os.path.join(workdir, 'best'),
+                           out_dir=os.path.join(workdir, f'eval_{config.eval.split}'))
 
 
 if __name__ == '__main__':

@@ -13,11 +13,13 @@ import time
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from rsicrc_jax import optim
+from rsicrc_jax import sharding
 from rsicrc_jax import train
+from rsicrc_jax import train_state
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Training config.')
 _BATCH = flags.DEFINE_integer('batch', 0, 'Global batch (default: the config\'s).')
@@ -33,24 +35,20 @@ def main(argv):
     c.batch_size = _BATCH.value
   if not c.model.vocab_size:
     c.model.vocab_size = _VOCAB.value
-  model = train.create_model(c)
-  model.train()
-  graphdef, (params, frozen, stats, rng) = train.split_model(model, c.model.fine_tune)
-  del model
-  opt = train.make_optimizer(c, total_steps=1000)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
-                           batch_stats=stats, rng=rng, opt_state=opt.init(params))
-  mesh = train.make_mesh(c)
-  sh = train.state_sharding(state, mesh, c.sharding.fsdp)
+  opt = optim.make_optimizer(c, total_steps=1000)
+  graphdef, state = train_state.init_state(c, opt)
+  params, frozen = state.params, state.frozen
+  mesh = sharding.make_mesh(c)
+  sh = sharding.state_sharding(state, mesh, c.sharding.fsdp)
   state = jax.device_put(state, sh)
   step = jax.jit(train.make_train_step(graphdef, c, opt),
-                 in_shardings=(sh, train.batch_sharding(mesh)), out_shardings=(sh, None),
+                 in_shardings=(sh, sharding.batch_sharding(mesh)), out_shardings=(sh, None),
                  donate_argnums=0)
   n, s, length = c.batch_size, c.model.image_size, c.model.max_len
   rs = np.random.default_rng(0)
   tokens = np.zeros((n, length), np.int32)
   tokens[:, 0], tokens[:, 1:9], tokens[:, 9] = 1, rs.integers(4, c.model.vocab_size, (n, 8)), 3
-  batch = train.global_batch({
+  batch = sharding.global_batch({
       'image_a': rs.integers(0, 256, (n, s, s, 3), dtype=np.uint8),
       'image_b': rs.integers(0, 256, (n, s, s, 3), dtype=np.uint8), 'tokens': tokens,
       'flag': np.where(np.arange(n) % 2 == 0, -1, np.arange(n)).astype(np.int32),

@@ -58,6 +58,31 @@ def get_data_config() -> ml_collections.ConfigDict:
   return d
 
 
+def eval_entry(type: str, split: str = 'val', **fields) -> ml_collections.ConfigDict:  # pylint: disable=redefined-builtin
+  """A `config.evals` entry with every field of its type present, so any can be set on the
+  command line (--config.evals.val_caption.beam_size=3). See rsicrc_jax/evaluators.py."""
+  e = {'type': type, 'split': split, 'every_epochs': 1, 'every_steps': 0, 'prefix': ''}
+  if type in ('retrieval', 'caption'):
+    e['max_pairs'] = 0  # 0 = the whole split
+  if type == 'caption':
+    e.update(beam_size=1, length_penalty=0.0, meteor=False)  # METEOR starts Java: slow
+  e.update(fields)
+  return ml_collections.ConfigDict(e)
+
+
+def get_eval_config() -> ml_collections.ConfigDict:
+  """`python -m rsicrc_jax.eval` and the final eval after training (--config.eval.beam_size=3)."""
+  e = ml_collections.ConfigDict()
+  e.split = 'test'
+  e.batch_size = 32
+  e.beam_size = 1  # 1 = greedy, as the paper
+  e.length_penalty = 0.0  # beam score / length ** this
+  e.num_figures = 8  # pairs drawn to figures/
+  e.max_pairs = 0  # score only the first N pairs; 0 = all
+  e.meteor = True  # METEOR needs `java` on PATH; skipped with a note otherwise
+  return e
+
+
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model = get_model_config()
@@ -76,6 +101,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 0  # 0 = batch_size
   config.log_every_steps = 10
   config.final_eval = True  # after training: `rsicrc_jax.eval` of best/ on the test split
+  config.eval = get_eval_config()
+
+  # Evaluators run during training, each on its schedule; metrics are named <split>/... .
+  config.evals = ml_collections.ConfigDict()
+  config.evals.val = eval_entry('loss')  # val/loss, val/caption_loss, val/contrastive_loss
+  config.evals.val_retrieval = eval_entry('retrieval')  # val/retrieval[/changed]/R@10, ...
+  config.evals.val_caption = eval_entry('caption')  # val/caption[/changed]/BLEU-4, CIDEr-D, ...
+  # The metric that chooses workdir/best, and its direction ('auto': min for names ending in
+  # 'loss', else max). The reference keeps the lowest validation loss.
+  config.best_metric = 'val/loss'
+  config.best_metric_mode = 'auto'
 
   config.init = ml_collections.ConfigDict()
   # RemoteCLIP RN50 image tower: RemoteCLIP-RN50.pt, or the .npz from `convert remoteclip`.

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rsicrc_jax.data import captions as cap
+
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'start_id', 'end_id', 'pad_id',
                                              'max_steps'))
@@ -38,7 +40,7 @@ def _greedy(graphdef, state, img_before, img_after, *, start_id, end_id, pad_id,
 
 
 def greedy_decode(model: nnx.Module, img_before: jax.Array, img_after: jax.Array, *,
-                  start_id: int = 1, end_id: int = 3, pad_id: int = 0,
+                  start_id: int = cap.START, end_id: int = cap.END, pad_id: int = cap.PAD,
                   max_steps: int | None = None):
   """Greedy captions for a batch of pairs (model in eval mode).
 
@@ -53,8 +55,9 @@ def greedy_decode(model: nnx.Module, img_before: jax.Array, img_after: jax.Array
                  pad_id=pad_id, max_steps=max_steps)
 
 
-def greedy_decode_reference(model: nnx.Module, img_before, img_after, *, start_id: int = 1,
-                            end_id: int = 3, max_steps: int | None = None) -> list[list[int]]:
+def greedy_decode_reference(model: nnx.Module, img_before, img_after, *,
+                            start_id: int = cap.START, end_id: int = cap.END,
+                            max_steps: int | None = None) -> list[list[int]]:
   """The reference loop, one pair at a time: start from [START], run the full decoder on the
   sequence so far, append the argmax, stop at END or after max_steps. Slow; for checks and as
   the speed baseline."""
@@ -74,7 +77,7 @@ def greedy_decode_reference(model: nnx.Module, img_before, img_after, *, start_i
   return results
 
 
-def strip_tokens(tokens, *, start_id: int = 1, end_id: int = 3) -> list[list[int]]:
+def strip_tokens(tokens, *, start_id: int = cap.START, end_id: int = cap.END) -> list[list[int]]:
   """Rows of (START ..., END, PAD...) -> the word ids between START and END."""
   out = []
   for row in np.asarray(tokens).tolist():
@@ -149,7 +152,7 @@ def _greedy_cached(graphdef, state, img_before, img_after, *, start_id, end_id, 
 
 
 def greedy_decode_cached(model: nnx.Module, img_before: jax.Array, img_after: jax.Array, *,
-                         start_id: int = 1, end_id: int = 3, pad_id: int = 0,
+                         start_id: int = cap.START, end_id: int = cap.END, pad_id: int = cap.PAD,
                          max_steps: int | None = None):
   """Greedy captions with a key/value cache; same outputs as `greedy_decode`.
 
@@ -211,8 +214,8 @@ def _beam(graphdef, state, img_before, img_after, *, beam_size, start_id, end_id
 
 
 def beam_search(model: nnx.Module, img_before: jax.Array, img_after: jax.Array, *,
-                beam_size: int = 3, length_penalty: float = 0.0, start_id: int = 1,
-                end_id: int = 3, pad_id: int = 0, max_steps: int | None = None):
+                beam_size: int = 3, length_penalty: float = 0.0, start_id: int = cap.START,
+                end_id: int = cap.END, pad_id: int = cap.PAD, max_steps: int | None = None):
   """Batched beam search with a key/value cache (model in eval mode).
 
   Beams are ranked by summed log-probability; the final choice divides it by

@@ -55,7 +55,7 @@ def save_model(path: str, model: nnx.Module, model_config: ml_collections.Config
 
 
 def _check_same_tree(path: str, saved, expected) -> None:
-  flat = lambda tree: {'/'.join(str(getattr(k, 'key', k)) for k in p): tuple(v.shape)
+  flat = lambda tree: {jax.tree_util.keystr(p, simple=True, separator='/'): tuple(v.shape)
                        for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
   saved, expected = flat(saved), flat(expected)
   problems = [f'{k}: missing' for k in sorted(set(expected) - set(saved))]

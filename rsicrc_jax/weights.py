@@ -173,6 +173,10 @@ def _path_str(path) -> tuple[str, ...]:
   return tuple(str(getattr(k, 'key', k)) for k in path)
 
 
+def _path_name(path) -> str:
+  return jax.tree_util.keystr(path, simple=True, separator='/')
+
+
 def convert_state(state_dict: Mapping[str, Array], abstract_state: nnx.State,
                   key_fn: Callable[[tuple[str, ...]], tuple[str, int | None]],
                   ignore: Callable[[str], bool] = lambda k: False) -> nnx.State:
@@ -285,13 +289,13 @@ def import_openclip_backbone(backbone: nnx.Module, state_dict: Mapping[str, Arra
 def flat_arrays(module: nnx.Module) -> dict[str, Array]:
   """Params and BatchNorm statistics as {'a/b/c': array} (the .npz layout we write)."""
   flat = nnx.to_flat_state(nnx.state(module, _model_state_filter()))
-  return {'/'.join(_path_str(p)): np.asarray(jax.device_get(v[...])) for p, v in flat}
+  return {_path_name(p): np.asarray(jax.device_get(v[...])) for p, v in flat}
 
 
 def load_flat_arrays(module: nnx.Module, arrays: Mapping[str, Array], source: str) -> None:
   """Inverse of `flat_arrays`, strict about names and shapes."""
   flat = nnx.to_flat_state(nnx.state(module, _model_state_filter()))
-  expected = {'/'.join(_path_str(p)): (p, v) for p, v in flat}
+  expected = {_path_name(p): (p, v) for p, v in flat}
   missing = sorted(set(expected) - set(arrays))
   unexpected = sorted(set(arrays) - set(expected))
   if missing or unexpected:

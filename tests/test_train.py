@@ -12,7 +12,7 @@ import pytest
 
 import ml_collections
 from configs import demo
-from rsicrc_jax import train
+from rsicrc_jax import checkpointing, optim, train, train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,7 +81,7 @@ def test_gradient_accumulation_equals_microbatches_by_hand(sharded):
 
 def test_schedule_is_warmup_then_constant():
   c = ml_collections.ConfigDict({'learning_rate': 1e-3, 'warmup_fraction': 0.1})
-  sched = train.learning_rate_schedule(c, total_steps=100)
+  sched = optim.learning_rate_schedule(c, total_steps=100)
   # HF get_constant_schedule_with_warmup: lr * step / warmup, the first update at step 0.
   np.testing.assert_allclose([float(sched(s)) for s in (0, 1, 5, 10, 11, 99)],
                              [0.0, 1e-4, 5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-6, atol=1e-12)
@@ -90,46 +90,135 @@ def test_schedule_is_warmup_then_constant():
 def test_cosine_schedule_warms_up_then_decays_to_zero():
   c = ml_collections.ConfigDict({'learning_rate': 1e-3, 'warmup_fraction': 0.1,
                                  'lr_schedule': 'cosine'})
-  sched = train.learning_rate_schedule(c, total_steps=110)
+  sched = optim.learning_rate_schedule(c, total_steps=110)
   # Warmup over 11 steps, then 1e-3 * (1 + cos(pi * t / 99)) / 2 for t = step - 11.
   for step, want in ((0, 0.0), (5, 1e-3 * 5 / 11), (11, 1e-3), (11 + 33, 1e-3 * 0.75),
                      (11 + 66, 1e-3 * 0.25), (110, 0.0)):
     np.testing.assert_allclose(float(sched(step)), want, rtol=1e-5, atol=1e-9)
   c.lr_schedule = 'linear'
   with pytest.raises(ValueError, match="config.lr_schedule: expected 'constant' or 'cosine'"):
-    train.learning_rate_schedule(c, total_steps=110)
+    optim.learning_rate_schedule(c, total_steps=110)
 
 
 def test_frozen_parameters_are_not_in_the_optimizer():
   c = demo.get_config()
   c.model.vocab_size = 30
-  model = train.create_model(c)
-  _, (params, frozen, stats, rng) = train.split_model(model, fine_tune=True)
+  model = train_state.create_model(c)
+  _, (params, frozen, stats, rng) = train_state.split_model(model, fine_tune=True)
   assert set(frozen['encoder']['backbone']) == {'conv1', 'conv2', 'conv3', 'bn1', 'bn2', 'bn3',
                                                 'layer1'}
   assert 'layer2' in params['encoder']['backbone'] and 'decoder' in params
   assert set(stats['encoder']['backbone']['bn1']) == {'mean', 'var'}
-  _, (params_all, frozen_none, _, _) = train.split_model(model, fine_tune=False)
+  _, (params_all, frozen_none, _, _) = train_state.split_model(model, fine_tune=False)
   assert 'backbone' not in params_all['encoder'] and 'layer4' in frozen_none['encoder']['backbone']
 
 
 def test_incompatible_workdir_fails_clearly(tmp_path):
   c = demo.get_config()
   (tmp_path / 'config.json').write_text(c.to_json())
-  train.check_resumable(str(tmp_path), c)  # same config: fine
+  checkpointing.check_resumable(str(tmp_path), c)  # same config: fine
   c.data.num_threads = 1  # not part of the run's identity
-  train.check_resumable(str(tmp_path), c)
+  checkpointing.check_resumable(str(tmp_path), c)
   c.model.d_model = 128
   c.batch_size = 8
-  with pytest.raises(train.TrainingError, match=r'incompatible config \(config.batch_size: '
+  with pytest.raises(checkpointing.TrainingError, match=r'incompatible config \(config.batch_size: '
                      r'workdir has 32, config has 8; config.model.d_model: workdir has 192'):
-    train.check_resumable(str(tmp_path), c)
+    checkpointing.check_resumable(str(tmp_path), c)
+
+
+def test_resume_check_compares_every_field_it_does_not_ignore(tmp_path):
+  c = demo.get_config()
+  (tmp_path / 'config.json').write_text(c.to_json())
+  c.evals.val_caption.every_epochs = 5  # how the run is observed: listed in RESUME_IGNORES
+  c.checkpoint.keep = 7
+  checkpointing.check_resumable(str(tmp_path), c)
+  with c.unlocked():
+    c.loss.brand_new_knob = 0.5  # a field nobody listed anywhere is checked by default
+  with pytest.raises(checkpointing.TrainingError, match=r'config.loss.brand_new_knob: workdir has None, '
+                     r'config has 0.5'):
+    checkpointing.check_resumable(str(tmp_path), c)
+
+
+TINY = os.path.join(REPO, 'tests', 'configs', 'tiny.py')
+
+
+def _tiny_config():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('tiny_config', TINY)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_one_jitted_step_moves_trainable_parameters_only():
+  """The tiny config's train step, in process: finite losses; every trainable tensor changes;
+  the frozen stem and layer1 do not; BatchNorm statistics (frozen layers' too) update."""
+  import jax
+  import jax.numpy as jnp
+  from rsicrc_jax import sharding
+  c = _tiny_config()
+  c.model.vocab_size = 40
+  c.warmup_fraction = 0.0  # the reference's warmup makes the first update lr 0
+  opt = optim.make_optimizer(c, total_steps=10)
+  graphdef, state = train_state.init_state(c, opt)
+  mesh = sharding.make_mesh(c)
+  step = jax.jit(train.make_train_step(graphdef, c, opt))
+  rng = np.random.default_rng(0)
+  n, s, length = c.batch_size, c.model.image_size, c.model.max_len
+  tokens = np.zeros((n, length), np.int32)
+  tokens[:, 0], tokens[:, 1:7], tokens[:, 7] = 1, rng.integers(4, 40, (n, 6)), 3
+  batch = sharding.global_batch({
+      'image_a': rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8),
+      'image_b': rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8), 'tokens': tokens,
+      'flag': np.where(np.arange(n) % 3 == 0, -1, np.arange(n)).astype(np.int32),
+      'caption_id': np.arange(n, dtype=np.int32)}, mesh)
+  new, aux = step(state, batch)
+  assert all(np.isfinite(float(v)) for v in aux.values()), aux
+  assert int(aux['positive_pairs']) >= n and int(new.step) == 1
+  leaves = lambda t: jax.tree_util.tree_flatten_with_path(t)[0]
+  name = lambda p: jax.tree_util.keystr(p, simple=True, separator='/')
+  moved = {name(p): not np.array_equal(a, b) for (p, a), (_, b) in
+           zip(leaves(state.params), leaves(new.params))}
+  assert moved and all(moved.values()), [k for k, v in moved.items() if not v]
+  assert 'encoder/backbone/layer1' not in ' '.join(moved)
+  frozen = [(name(p), a, b) for (p, a), (_, b) in zip(leaves(state.frozen), leaves(new.frozen))]
+  assert any(k.startswith('encoder/backbone/layer1') for k, _, _ in frozen)
+  for k, a, b in frozen:
+    np.testing.assert_array_equal(a, b, err_msg=k)
+  stats = {name(p): not np.array_equal(a, b) for (p, a), (_, b) in
+           zip(leaves(state.batch_stats), leaves(new.batch_stats))}
+  assert stats['encoder/backbone/bn1/mean']  # a frozen BatchNorm still updates in train mode
+  assert jnp.asarray(aux['grad_norm']) > 0
+
+
+def test_best_metric_must_be_produced_by_an_evaluator():
+  from rsicrc_jax import evaluators
+  c = demo.get_config()
+  names = ['val/loss', 'val/retrieval/changed/R@10', 'val/caption/CIDEr-D']
+
+  class Fake:
+    def metric_names(self):
+      return names
+  evaluators.check_best_metric(c, [Fake()])  # the demo's val/retrieval/changed/R@10
+  assert evaluators.best_is_max(c)
+  c.best_metric = 'val/loss'
+  assert not evaluators.best_is_max(c)
+  c.best_metric = 'val/changed/R@10'
+  with pytest.raises(ValueError, match=r"config.best_metric: no evaluator in config.evals "
+                     r"yields 'val/changed/R@10'; did you mean one of "
+                     r"\['val/retrieval/changed/R@10'\]"):
+    evaluators.check_best_metric(c, [Fake()])
+  c.best_metric_mode = 'largest'
+  with pytest.raises(ValueError, match='config.best_metric_mode'):
+    evaluators.best_is_max(c)
+  with pytest.raises(ValueError, match=r"config.evals.x.type: expected one of \['loss', "):
+    evaluators.check_entry('x', {'type': 'bleu'})
+  with pytest.raises(ValueError, match=r"config.evals.x: unknown fields \['beam_size'\]"):
+    evaluators.check_entry('x', {'type': 'retrieval', 'beam_size': 3})
 
 
 # ----------------------------------------------------------------------------------------------
 # Whole runs through launch.py on the tiny synthetic dataset.
-
-TINY = os.path.join(REPO, 'tests', 'configs', 'tiny_train.py')
 
 
 @pytest.fixture(scope='module')
@@ -184,6 +273,11 @@ def baseline(data_dir, tmp_path_factory):
   return workdir
 
 
+def val_rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {r['step']: r for r in map(json.loads, f) if r['split'] == 'val'}
+
+
 def test_uninterrupted_run_writes_what_a_person_needs(baseline):
   losses = train_losses(baseline)
   assert sorted(losses) == list(range(1, 51))
@@ -192,6 +286,41 @@ def test_uninterrupted_run_writes_what_a_person_needs(baseline):
   from rsicrc_jax import model_io
   model = model_io.load_model(os.path.join(baseline, 'best'))  # the best model is a model dir
   assert model.decoder is not None
+  # Every evaluator of the config wrote its metrics into the epoch's val row.
+  rows = val_rows(baseline)
+  for row in rows.values():
+    assert {'loss', 'contrastive_loss', 'retrieval/R@10', 'retrieval/changed/R@10',
+            'retrieval/changed/pair_to_text/R@1', 'caption/BLEU-4', 'caption/changed/CIDEr-D'
+            } <= set(row)
+  # best/ holds the step with the highest val changed-pair R@10 (config.best_metric); the first
+  # one on ties, since only a strict improvement replaces it.
+  scores = [(rows[s]['retrieval/changed/R@10'], -s) for s in sorted(rows)]
+  best_step = -max(scores)[1]
+  saved = [d for d in os.listdir(os.path.join(baseline, 'best')) if d.isdigit()]
+  assert saved == [str(best_step)], (saved, scores)
+
+
+def test_eval_command_and_training_evaluators_agree(baseline, data_dir, tmp_path):
+  """`eval` on best/ over the val split reproduces the in-training evaluators' numbers at the
+  step best/ was saved: one implementation of embedding, decoding and scoring."""
+  rows = val_rows(baseline)
+  step = int(next(d for d in os.listdir(os.path.join(baseline, 'best')) if d.isdigit()))
+  out_dir = tmp_path / 'eval_val'
+  out = subprocess.run([sys.executable, '-m', 'rsicrc_jax.eval', f'--config={TINY}',
+                        f'--config.data.data_dir={data_dir}', f'--checkpoint={baseline}/best',
+                        '--config.eval.split=val', '--config.eval.num_figures=0',
+                        '--config.eval.meteor=False', '--config.eval.batch_size=8',
+                        f'--out={out_dir}'], cwd=REPO, env=_env(), capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = json.load(open(out_dir / 'metrics.json'))['results']
+  for subset, key in (('all', ''), ('changed', 'changed/')):
+    for m in ('R@1', 'R@10', 'MRR@5'):
+      np.testing.assert_allclose(report[subset]['text_to_pair'][m],
+                                 rows[step][f'retrieval/{key}{m}'], atol=1e-6)
+    for m in ('BLEU-4', 'CIDEr-D'):
+      np.testing.assert_allclose(report[subset]['captioning'][m],
+                                 rows[step][f'caption/{key}{m}'], atol=1e-6)
 
 
 def test_resume_after_sigkill_mid_epoch_matches_an_uninterrupted_run(baseline, data_dir, tmp_path):
@@ -256,7 +385,7 @@ def test_eval_command_on_the_trained_run(baseline, data_dir, tmp_path):
   """`python -m rsicrc_jax.eval --workdir RUN` end to end: metrics, table, captions, figures."""
   out_dir = tmp_path / 'eval'
   out = subprocess.run([sys.executable, '-m', 'rsicrc_jax.eval', f'--workdir={baseline}',
-                        f'--out={out_dir}', '--num_figures=2'], cwd=REPO, env=_env(),
+                        f'--out={out_dir}', '--config.eval.num_figures=2'], cwd=REPO, env=_env(),
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   report = json.load(open(out_dir / 'metrics.json'))

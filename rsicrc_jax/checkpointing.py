@@ -1,0 +1,150 @@
+"""Checkpoints: Orbax managers for the train state and the best model, and the resume check.
+
+Orbax writes each step to a temporary folder renamed into place, so a crash mid-save leaves the
+previous checkpoints intact; `model_io.atomic_output` does the same for single files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from rsicrc_jax import model_io
+
+
+class TrainingError(RuntimeError):
+  """The run cannot go on (non-finite loss, incompatible workdir, ...)."""
+
+
+# Config fields that may change between a run and its resumption: how the run is observed,
+# scheduled or fed, not what it computes. Every other field is part of the run's identity, so a
+# new config field is checked unless it is added here.
+RESUME_IGNORES = (
+    'checkpoint', 'log_every_steps', 'final_eval', 'evals', 'eval', 'eval_batch_size',
+    'sharding', 'init', 'data.num_threads', 'data.prefetch', 'data.data_dir',
+)
+
+
+def _drop(tree: dict, dotted: str) -> None:
+  head, _, rest = dotted.partition('.')
+  if rest:
+    if isinstance(tree.get(head), dict):
+      _drop(tree[head], rest)
+  else:
+    tree.pop(head, None)
+
+
+def resume_fingerprint(config) -> dict:
+  """The config as a plain dict, less RESUME_IGNORES."""
+  d = json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
+  for key in RESUME_IGNORES:
+    _drop(d, key)
+  return d
+
+
+def check_resumable(workdir: str, config) -> None:
+  """Raises TrainingError, listing the differing fields, when the workdir's saved config differs
+  from `config` in a field outside RESUME_IGNORES."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  want = resume_fingerprint(config)
+  have = resume_fingerprint(ml_collections.ConfigDict(saved))
+  diffs = []
+
+  def walk(a, b, prefix):
+    for k in sorted(set(a) | set(b)):
+      x, y = a.get(k), b.get(k)
+      if isinstance(x, dict) and isinstance(y, dict):
+        walk(x, y, f'{prefix}{k}.')
+      elif x != y:
+        diffs.append(f'{prefix}{k}: workdir has {x!r}, config has {y!r}')
+
+  walk(have, want, 'config.')
+  if diffs:
+    raise TrainingError(
+        f'{workdir} holds a run with an incompatible config ({"; ".join(diffs[:6])}'
+        f'{"; ..." if len(diffs) > 6 else ""}). Use another --workdir, or the saved config '
+        f'({path}).')
+
+
+def write_config(workdir: str, config) -> None:
+  with model_io.atomic_output(os.path.join(workdir, 'config.json'), is_dir=False,
+                              overwrite=True) as tmp:
+    with open(tmp, 'w') as f:
+      f.write(config.to_json(indent=2))
+
+
+class Checkpoints:
+  """Periodic checkpoints (train state, data iterator position, progress) with `keep` retention,
+  and the best model as a model dir (`workdir/best`: config.json + <step>/state, which model_io
+  and eval load)."""
+
+  def __init__(self, workdir: str, keep: int):
+    root = os.path.abspath(workdir)
+    self.manager = ocp.CheckpointManager(
+        os.path.join(root, 'checkpoints'),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'data': ocp.JsonCheckpointHandler(),
+                       'progress': ocp.JsonCheckpointHandler()})
+    # Every process takes part in a save, as Orbax requires on multi-host runs.
+    self.best = ocp.CheckpointManager(
+        os.path.join(root, 'best'),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+        item_handlers={'state': ocp.StandardCheckpointHandler()})
+
+  @property
+  def directory(self) -> str:
+    return str(self.manager.directory)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_state: dict, progress: dict) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        progress=ocp.args.JsonSave(progress)), force=True)
+    self.manager.wait_until_finished()
+
+  def save_best(self, step: int, model, model_config, is_main: bool) -> None:
+    self.best.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(model_io.state_dict_of(model))), force=True)
+    self.best.wait_until_finished()
+    if is_main:
+      with model_io.atomic_output(os.path.join(self.best.directory, 'config.json'),
+                                  is_dir=False, overwrite=True) as tmp:
+        with open(tmp, 'w') as f:
+          f.write(model_config.to_json(indent=2))
+
+  def check_shapes(self, step: int, abstract_state) -> None:
+    """Fails with the names at fault before Orbax restores anything."""
+    meta = self.manager.item_metadata(step)['state']
+    name = lambda path: jax.tree_util.keystr(path, simple=True, separator='/')
+    saved = {name(p): tuple(getattr(v, 'shape', ()))
+             for p, v in jax.tree_util.tree_flatten_with_path(meta)[0]}
+    want = {name(p): tuple(v.shape)
+            for p, v in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    problems = sorted(f'{k}: saved {saved.get(k)}, expected {want.get(k)}'
+                      for k in set(saved) | set(want) if saved.get(k) != want.get(k))
+    if problems:
+      raise TrainingError(f'{self.directory}/{step}: the checkpoint does not match the '
+                          f'config: {"; ".join(problems[:5])}')
+
+  def restore(self, step: int, abstract_state):
+    """-> (state, data iterator state, progress) of `step`, shapes checked first."""
+    self.check_shapes(step, abstract_state)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+        progress=ocp.args.JsonRestore()))
+    return restored['state'], restored['data'], restored['progress']
+
+  def close(self) -> None:
+    self.manager.close()
+    self.best.close()

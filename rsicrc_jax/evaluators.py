@@ -1,0 +1,368 @@
+"""Evaluators: objects built from `config.evals` entries, run with the current train state,
+yielding named metrics ('<split>/loss', '<split>/retrieval/changed/R@10',
+'<split>/caption/CIDEr-D', ...).
+
+The embedding, decoding and scoring code here is also what `python -m rsicrc_jax.eval` runs on a
+saved model, so the numbers seen during training and after it come from one implementation.
+
+A config entry (`config.evals.<name>`):
+  type: 'loss' | 'retrieval' | 'caption'
+  split: the dataset split ('val')
+  every_epochs: run after every N epochs (0: never by epoch)
+  every_steps: run every N steps inside epochs too (0: never by step)
+  prefix: the metric names' first part (default: the split)
+  max_pairs: score only the first N pairs (0: all)        [retrieval, caption]
+  beam_size, length_penalty: decoding (1 = greedy)         [caption]
+  meteor: also METEOR, which starts a Java process         [caption]
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterable
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rsicrc_jax import decoding
+from rsicrc_jax import losses
+from rsicrc_jax import metrics
+from rsicrc_jax import sharding
+from rsicrc_jax.data import captions as cap
+from rsicrc_jax.data import pipeline
+
+SUBSETS = ('all', 'changed')  # every pair; changed pairs only ('sub' in the reference)
+CAPTION_METRICS = ('BLEU-1', 'BLEU-2', 'BLEU-3', 'BLEU-4', 'METEOR', 'ROUGE-L', 'CIDEr-D')
+TYPES = ('loss', 'retrieval', 'caption')
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedding and decoding a split (eval mode, one process).
+
+@functools.partial(jax.jit, static_argnames='graphdef')
+def _embed(graphdef, state, image_a, image_b, tokens):
+  """(uint8 images a, b, tokens) -> visual_emb, text_emb, visual tokens (eval mode)."""
+  m = nnx.merge(graphdef, state)
+  a, b = pipeline.normalize_images(image_a), pipeline.normalize_images(image_b)
+  visual_emb, visual_tokens = m.encode_images(a, b)
+  return visual_emb, m.encode_text(tokens, tokens == cap.PAD), visual_tokens
+
+
+@functools.partial(jax.jit, static_argnames='graphdef')
+def _embed_text(graphdef, state, tokens):
+  return nnx.merge(graphdef, state).encode_text(tokens, tokens == cap.PAD)
+
+
+def run_model(model, dataset: pipeline.Dataset, split: str, config, *, batch_size: int,
+              decode: bool = True, beam_size: int = 1, length_penalty: float = 0.0,
+              max_pairs: int = 0, progress: bool = True) -> dict[str, Any]:
+  """Embeds (and with `decode`, captions) every pair of a split, in one process.
+  Returns numpy arrays and lists, one entry per pair."""
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  batches, plan = pipeline.make_batches(
+      dataset, split, global_batch=batch_size, max_len=config.model.max_len,
+      image_size=config.model.image_size, train=False, with_references=True)
+  graphdef, params = nnx.split(model)  # jit caches on graphdef: one compile per model shape
+  words = cap.id_to_word(dataset.vocab)
+  out = {k: [] for k in ('visual', 'text', 'flag', 'caption_id', 'caption_emb', 'pair',
+                         'filename', 'hypothesis', 'references', 'all_text', 'all_caption_ids',
+                         'attention', 'fused')}
+  steps = plan.steps_per_epoch
+  if max_pairs:
+    steps = min(steps, -(-max_pairs // batch_size))
+  it = pipeline.iterate(batches, num_threads=config.data.num_threads)
+  what = 'embed + decode' if decode else 'embed'
+  for _ in tqdm(range(steps), desc=f'{split}: {what}', disable=not progress, leave=False):
+    b = next(it)
+    keep = np.flatnonzero(b['valid'])
+    a, bb = jnp.asarray(b['image_a']), jnp.asarray(b['image_b'])
+    visual, text, visual_tokens = _embed(graphdef, params, a, bb, jnp.asarray(b['tokens']))
+    all_tokens = b['all_tokens'].reshape(-1, b['all_tokens'].shape[-1])
+    all_text = np.asarray(_embed_text(graphdef, params, jnp.asarray(all_tokens)))
+    out['all_text'].append(all_text.reshape(len(b['valid']), cap.CAPTIONS_PER_PAIR, -1)[keep])
+    out['visual'].append(np.asarray(visual)[keep])
+    out['text'].append(np.asarray(text)[keep])
+    for k, field in (('flag', 'flag'), ('caption_id', 'caption_id'), ('pair', 'pair_index'),
+                     ('all_caption_ids', 'all_caption_ids')):
+      out[k].append(b[field][keep])
+    if 'caption_emb' in b:
+      out['caption_emb'].append(b['caption_emb'][keep])
+    out['filename'] += [str(b['filename'][i]) for i in keep]
+    out['references'] += [[str(r) for r in b['references'][i]] for i in keep]
+    if decode:
+      na, nb = pipeline.normalize_images(a), pipeline.normalize_images(bb)
+      if beam_size > 1:
+        tokens, _, _ = decoding.beam_search(model, na, nb, beam_size=beam_size,
+                                            length_penalty=length_penalty)
+      else:
+        tokens, _, attn = decoding.greedy_decode_cached(model, na, nb)
+        out['attention'].append(np.asarray(attn)[keep])
+        out['fused'].append(np.asarray(visual_tokens)[keep].mean(-1))
+      out['hypothesis'] += [cap.decode_caption(np.asarray(tokens[i]), words) for i in keep]
+  run = {k: (np.concatenate(v) if v and k not in ('filename', 'hypothesis', 'references')
+             else v) for k, v in out.items()}
+  if max_pairs:
+    run = {k: v[:max_pairs] for k, v in run.items()}
+  return run
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores (pure functions of a run_model result).
+
+def _subsets(run) -> Iterable[tuple[str, np.ndarray]]:
+  changed = run['flag'] != -1
+  for name, sel in (('all', np.ones_like(changed)), ('changed', changed)):
+    yield name, np.flatnonzero(sel)
+
+
+def caption_scores(run, *, meteor: bool = True) -> tuple[dict, list[str]]:
+  """{subset: {'pairs', 'captioning': {BLEU-1.., CIDEr-D}}} and notes (e.g. METEOR skipped)."""
+  results, notes = {}, []
+  for name, idx in _subsets(run):
+    if not len(idx):
+      notes.append(f'{name}: no pairs')
+      continue
+    scores, more = metrics.caption_metrics([run['hypothesis'][i] for i in idx],
+                                           [run['references'][i] for i in idx], meteor=meteor)
+    notes += [n for n in more if n not in notes]
+    results[name] = {'pairs': int(len(idx)), 'captioning': scores}
+  return results, notes
+
+
+def retrieval_scores(run, loss_cfg) -> dict:
+  """{subset: {'pairs', 'text_to_pair': P/R/MRR@k, 'pair_to_text': R@k}} (SPEC section 8).
+  Text -> pair: relevant = same changeflag or the same caption (as the loss's false negatives);
+  pair -> text over every caption of the subset's pairs, relevant likewise."""
+  caption_emb = run['caption_emb'] if len(run['caption_emb']) else None
+  same = np.asarray(losses.false_negative_mask(
+      None if caption_emb is None else jnp.asarray(caption_emb),
+      jnp.asarray(run['caption_id']), threshold=loss_cfg.s_threshold,
+      tolerance=loss_cfg.s_tolerance))
+  results = {}
+  for name, idx in _subsets(run):
+    if not len(idx):
+      continue
+    rel = metrics.relevance(run['flag'][idx], same[np.ix_(idx, idx)])
+    t2p = metrics.retrieval_metrics(run['text'][idx], run['visual'][idx], rel)
+    all_text = run['all_text'][idx].reshape(len(idx) * cap.CAPTIONS_PER_PAIR, -1)
+    cap_flags = np.repeat(run['flag'][idx], cap.CAPTIONS_PER_PAIR)
+    cap_ids = run['all_caption_ids'][idx].reshape(-1)
+    rel_i2t = (run['flag'][idx][:, None] == cap_flags[None, :]) | (
+        run['all_caption_ids'][idx][:, :, None] == cap_ids[None, None, :]).any(axis=1)
+    i2t = metrics.image_to_text_recall(run['visual'][idx], all_text, rel_i2t)
+    results[name] = {'pairs': int(len(idx)), 'text_to_pair': t2p, 'pair_to_text': i2t}
+  return results
+
+
+def score(run, loss_cfg, *, meteor: bool = True) -> tuple[dict, list[str]]:
+  """Captioning and retrieval, per subset, as eval's metrics.json holds them."""
+  caps, notes = caption_scores(run, meteor=meteor)
+  results = {}
+  for name, r in retrieval_scores(run, loss_cfg).items():
+    results[name] = {**r, **caps.get(name, {})}
+  return results, notes
+
+
+def _name(prefix: str, kind: str, subset: str, metric: str) -> str:
+  return '/'.join([prefix, kind] + ([] if subset == 'all' else [subset]) + [metric])
+
+
+def markdown_table(results: dict) -> str:
+  lines = []
+  for name, r in results.items():
+    lines.append(f'### {name} pairs ({r["pairs"]})\n')
+    if 'captioning' in r:
+      caps = r['captioning']
+      lines.append('| ' + ' | '.join(caps) + ' |')
+      lines.append('|' + ' --- |' * len(caps))
+      lines.append('| ' + ' | '.join(f'{v:.4f}' for v in caps.values()) + ' |\n')
+    t2p = r['text_to_pair']
+    lines.append('| text -> pair | ' + ' | '.join(f'@{k}' for k in metrics.AT_K) + ' |')
+    lines.append('| --- |' + ' --- |' * len(metrics.AT_K))
+    for m in ('P', 'R', 'MRR'):
+      lines.append(f'| {m} | ' + ' | '.join(f'{t2p[f"{m}@{k}"]:.4f}' for k in metrics.AT_K)
+                   + ' |')
+    i2t = r['pair_to_text']
+    lines.append('| pair -> text R | ' + ' | '.join(f'{i2t[f"R@{k}"]:.4f}'
+                                                   for k in metrics.AT_K) + ' |\n')
+  return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluators.
+
+_COMMON = {'type': str, 'split': str, 'every_epochs': int, 'every_steps': int, 'prefix': str}
+_FIELDS = {
+    'loss': _COMMON,
+    'retrieval': {**_COMMON, 'max_pairs': int},
+    'caption': {**_COMMON, 'max_pairs': int, 'beam_size': int, 'length_penalty': float,
+                'meteor': bool},
+}
+
+
+class Evaluator:
+  """Built from one config entry; `run(state)` -> {metric name: value}."""
+
+  def __init__(self, name: str, entry: ml_collections.ConfigDict, config, dataset):
+    self.name = name
+    self.split = entry.get('split', 'val')
+    self.every_epochs = int(entry.get('every_epochs', 1))
+    self.every_steps = int(entry.get('every_steps', 0))
+    self.prefix = entry.get('prefix', '') or self.split
+    self.entry, self.config, self.dataset = entry, config, dataset
+    if self.split not in dataset.splits:
+      raise ValueError(f'config.evals.{name}.split: dataset {dataset.name} has no split '
+                       f'{self.split!r}; it has {list(dataset.splits)}')
+
+  def due(self, step: int, epoch: int, epoch_end: bool) -> bool:
+    """After `step` (1-based), in `epoch` (1-based), at the epoch's end or not."""
+    if epoch_end and self.every_epochs and epoch % self.every_epochs == 0:
+      return True
+    return bool(self.every_steps and step % self.every_steps == 0)
+
+  def metric_names(self) -> list[str]:
+    raise NotImplementedError
+
+  def run(self, state) -> dict[str, float]:
+    raise NotImplementedError
+
+
+class LossEvaluator(Evaluator):
+  """Mean losses over the split, batch by batch as the reference does (padding excluded),
+  sharded over the mesh like the train step."""
+
+  def __init__(self, name, entry, config, dataset, *, loss_step: Callable, mesh,
+               process_index: int, process_count: int, **_):
+    super().__init__(name, entry, config, dataset)
+    self.loss_step, self.mesh = loss_step, mesh
+    self.process_index, self.process_count = process_index, process_count
+
+  def metric_names(self):
+    return [f'{self.prefix}/{k}' for k in ('loss', 'caption_loss', 'contrastive_loss')]
+
+  def run(self, state):
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+    c = self.config
+    batches, plan = pipeline.make_batches(
+        self.dataset, self.split, global_batch=c.eval_batch_size or c.batch_size,
+        max_len=c.model.max_len, image_size=c.model.image_size, train=False,
+        process_index=self.process_index, process_count=self.process_count)
+    totals, n = {}, 0
+    for local in tqdm(pipeline.iterate(batches, num_threads=c.data.num_threads),
+                      total=plan.steps_per_epoch, desc=f'{self.name}', leave=False,
+                      disable=self.process_index != 0):
+      aux = jax.device_get(self.loss_step(state, sharding.global_batch(local, self.mesh)))
+      for k, v in aux.items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+      n += 1
+    return {f'{self.prefix}/{k}': v / n for k, v in totals.items() if k != 'positive_pairs'}
+
+
+class _ModelEvaluator(Evaluator):
+  """Runs the eval-mode model of the state over the split (on every process, each whole)."""
+
+  decode = False
+
+  def __init__(self, name, entry, config, dataset, *, model_fn: Callable, process_index: int,
+               **_):
+    super().__init__(name, entry, config, dataset)
+    self.model_fn, self.process_index = model_fn, process_index
+
+  def _run_model(self, state):
+    model = self.model_fn(state)
+    model.eval()
+    c, e = self.config, self.entry
+    return run_model(model, self.dataset, self.split, c,
+                     batch_size=c.eval_batch_size or c.batch_size, decode=self.decode,
+                     beam_size=e.get('beam_size', 1), length_penalty=e.get('length_penalty', 0.0),
+                     max_pairs=e.get('max_pairs', 0), progress=self.process_index == 0)
+
+
+class RetrievalEvaluator(_ModelEvaluator):
+  """Text -> pair P/R/MRR@k and pair -> text R@k, on all pairs and on changed pairs."""
+
+  def metric_names(self):
+    names = []
+    for subset in SUBSETS:
+      names += [_name(self.prefix, 'retrieval', subset, f'{m}@{k}')
+                for m in ('P', 'R', 'MRR') for k in metrics.AT_K]
+      names += [_name(self.prefix, 'retrieval', subset, f'pair_to_text/R@{k}')
+                for k in metrics.AT_K]
+    return names
+
+  def run(self, state):
+    out = {}
+    for subset, r in retrieval_scores(self._run_model(state), self.config.loss).items():
+      out.update({_name(self.prefix, 'retrieval', subset, k): v
+                  for k, v in r['text_to_pair'].items()})
+      out.update({_name(self.prefix, 'retrieval', subset, f'pair_to_text/{k}'): v
+                  for k, v in r['pair_to_text'].items()})
+    return out
+
+
+class CaptionEvaluator(_ModelEvaluator):
+  """BLEU-1..4, (METEOR), ROUGE-L, CIDEr-D of the decoded captions against the references."""
+
+  decode = True
+
+  def metric_names(self):
+    return [_name(self.prefix, 'caption', subset, m) for subset in SUBSETS
+            for m in CAPTION_METRICS]
+
+  def run(self, state):
+    results, _ = caption_scores(self._run_model(state), meteor=self.entry.get('meteor', False))
+    return {_name(self.prefix, 'caption', subset, k): v
+            for subset, r in results.items() for k, v in r['captioning'].items()}
+
+
+_CLASSES = {'loss': LossEvaluator, 'retrieval': RetrievalEvaluator, 'caption': CaptionEvaluator}
+
+
+def check_entry(name: str, entry) -> None:
+  kind = entry.get('type')
+  if kind not in _CLASSES:
+    raise ValueError(f'config.evals.{name}.type: expected one of {list(TYPES)}, got {kind!r}')
+  fields = _FIELDS[kind]
+  unknown = sorted(set(entry) - set(fields))
+  if unknown:
+    raise ValueError(f'config.evals.{name}: unknown fields {unknown} for type {kind!r}; '
+                     f'expected some of {sorted(fields)}')
+  for key in ('every_epochs', 'every_steps', 'max_pairs'):
+    if entry.get(key, 0) < 0:
+      raise ValueError(f'config.evals.{name}.{key}: expected >= 0, got {entry[key]}')
+  if entry.get('beam_size', 1) < 1:
+    raise ValueError(f'config.evals.{name}.beam_size: expected >= 1, got {entry["beam_size"]}')
+
+
+def from_config(config, dataset, **kwargs) -> list[Evaluator]:
+  """One Evaluator per `config.evals` entry. kwargs: loss_step (jitted (state, batch) -> losses),
+  model_fn (state -> model), mesh, process_index, process_count."""
+  evals = []
+  for name, entry in sorted(config.get('evals', {}).items()):
+    check_entry(name, entry)
+    evals.append(_CLASSES[entry['type']](name, entry, config, dataset, **kwargs))
+  return evals
+
+
+def best_is_max(config) -> bool:
+  """Direction of config.best_metric: config.best_metric_mode 'min' | 'max' | 'auto' (a name
+  ending in 'loss' is minimised, any other maximised)."""
+  mode = config.get('best_metric_mode', 'auto')
+  if mode not in ('auto', 'min', 'max'):
+    raise ValueError(f"config.best_metric_mode: expected 'auto', 'min' or 'max', got {mode!r}")
+  if mode == 'auto':
+    return not config.best_metric.endswith('loss')
+  return mode == 'max'
+
+
+def check_best_metric(config, evals: list[Evaluator]) -> None:
+  names = sorted({n for e in evals for n in e.metric_names()})
+  if config.best_metric not in names:
+    close = [n for n in names if n.split('/')[-1] == config.best_metric.split('/')[-1]]
+    raise ValueError(f'config.best_metric: no evaluator in config.evals yields '
+                     f'{config.best_metric!r}; ' + (f'did you mean one of {close}? ' if close
+                                                    else '') + f'{len(names)} names are '
+                     f'available, e.g. {names[:4]}')
