@@ -2,9 +2,12 @@
 
   python launch.py --config configs/demo.py [--workdir runs/demo] [--config.batch_size=64 ...]
 
-Relaunching the same command resumes from the workdir's last checkpoint. Multi-host: start one
-process per host with the JAX coordinator settings (--coordinator_address, --num_processes,
---process_id), or none on a cluster that JAX detects by itself.
+Relaunching the same command resumes from the workdir's last checkpoint. Ctrl-C (SIGINT) or
+SIGTERM saves a checkpoint at the current step and stops (exit status 130 or 143); checkpoints
+are also saved every config.checkpoint.every_minutes. Logs show warnings only; --verbosity=0
+brings back INFO. Multi-host: start one process per host with the JAX coordinator settings
+(--coordinator_address, --num_processes, --process_id), or none on a cluster that JAX detects by
+itself.
 """
 
 import os
@@ -15,6 +18,8 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from rsicrc_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config (a get_config() file).',
                                           lock_config=True)
@@ -54,6 +59,8 @@ def use_transparent_huge_pages() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _CONFIG.value is None:
+    raise app.UsageError('--config is required, e.g. --config=configs/demo.py')
   import jax  # pylint: disable=import-outside-toplevel
   if _COORDINATOR.value:
     if jax.config.jax_platforms in (None, '', 'cpu'):
@@ -65,7 +72,13 @@ def main(argv):
       'runs', os.path.splitext(os.path.basename(flags.FLAGS['config'].config_filename))[0])
   logging.info('workdir %s, %d devices over %d processes', workdir, jax.device_count(),
                jax.process_count())
-  result = train.train_and_evaluate(config, workdir)
+  from rsicrc_jax import preemption  # pylint: disable=import-outside-toplevel
+  try:
+    result = train.train_and_evaluate(config, workdir)
+  except preemption.Preempted as stop:
+    if jax.process_index() == 0:
+      print(stop, flush=True)
+    sys.exit(stop.exit_code)
   if jax.process_index() == 0:
     best = 'none' if result.best_value is None else f'{result.best_value:.4f}'
     print(f'done: step {result.final_step}, best {result.best_metric} {best}; '
@@ -78,5 +91,4 @@ def main(argv):
 
 if __name__ == '__main__':
   use_transparent_huge_pages()
-  flags.mark_flag_as_required('config')
-  app.run(main)
+  cli.run(main)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 
+from absl import logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -46,11 +49,20 @@ def resume_fingerprint(config) -> dict:
   return d
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Steps with a checkpoint folder in workdir/checkpoints (read without creating anything)."""
+  root = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(root):
+    return []
+  return sorted(int(d) for d in os.listdir(root) if d.isdigit())
+
+
 def check_resumable(workdir: str, config) -> None:
-  """Raises TrainingError, listing the differing fields, when the workdir's saved config differs
-  from `config` in a field outside RESUME_IGNORES."""
+  """Raises TrainingError, listing the differing fields, when the workdir holds checkpoints of a
+  run whose saved config differs from `config` in a field outside RESUME_IGNORES. A workdir
+  without checkpoints (e.g. a launch that failed early) never blocks a new run."""
   path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  if not os.path.exists(path) or not checkpoint_steps(workdir):
     return
   with open(path) as f:
     saved = json.load(f)
@@ -144,6 +156,47 @@ class Checkpoints:
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
         progress=ocp.args.JsonRestore()))
     return restored['state'], restored['data'], restored['progress']
+
+  def restore_latest(self, abstract_state):
+    """-> (step, state, data iterator state, progress) of the newest checkpoint that reads back
+    whole, or None when there is none. Damaged ones (truncated or missing files) are named,
+    moved to workdir/damaged_checkpoints/ so that the run can save that step again, and
+    skipped. A checkpoint that does not match the config is an error, not damage."""
+    damaged = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        state, data, progress = self.restore(step, abstract_state)
+      except TrainingError:
+        raise
+      except Exception as err:  # pylint: disable=broad-except  # Orbax/TensorStore raise bare ones
+        reason = f'{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ""}'
+        logging.warning('checkpoint %s/%d is damaged and will not be used (%s)', self.directory,
+                        step, reason)
+        damaged.append((step, reason))
+        continue
+      if damaged:
+        logging.warning('resuming from step %d, the newest intact checkpoint', step)
+        self._set_aside([s for s, _ in damaged])
+      return step, state, data, progress
+    if damaged:
+      raise TrainingError(f'every checkpoint in {self.directory} is damaged: ' + '; '.join(
+          f'step {s} ({r})' for s, r in damaged) + '. Move the folder away to start afresh.')
+    return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    if jax.process_count() > 1:  # every process has finished reading before any folder moves
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices('rsicrc_jax: damaged checkpoints read')
+    if jax.process_index() == 0:
+      root = os.path.join(os.path.dirname(self.directory), 'damaged_checkpoints')
+      os.makedirs(root, exist_ok=True)
+      for step in steps:
+        dest = os.path.join(root, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+        shutil.move(os.path.join(self.directory, str(step)), dest)
+        logging.warning('moved the damaged checkpoint of step %d to %s', step, dest)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('rsicrc_jax: damaged checkpoints moved')
+    self.manager.reload()
 
   def close(self) -> None:
     self.manager.close()

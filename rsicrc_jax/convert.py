@@ -15,14 +15,13 @@ unless the conversion succeeded.
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from rsicrc_jax import model_io, weights
+from rsicrc_jax import cli, model_io, weights
 from rsicrc_jax.models import RSICRC, model_skeleton
 from rsicrc_jax.models.backbone import ModifiedResNet
 
@@ -71,17 +70,13 @@ def main(argv):
     raise app.UsageError('--out is required. ' + USAGE)
   config = _CONFIG.value
   kind, ckpt = argv[1], argv[2]
-  try:
-    if kind == 'rsicrc':
-      convert_rsicrc(ckpt, config, _OUT.value, _OVERWRITE.value)
-    else:
-      convert_remoteclip(ckpt, config, _OUT.value, _OVERWRITE.value)
-  except (weights.CheckpointError, FileExistsError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+  if kind == 'rsicrc':  # failures: one line and exit 1 (cli.run)
+    convert_rsicrc(ckpt, config, _OUT.value, _OVERWRITE.value)
+  else:
+    convert_remoteclip(ckpt, config, _OUT.value, _OVERWRITE.value)
   print(f'wrote {_OUT.value}')
   return 0
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

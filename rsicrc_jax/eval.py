@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
+from rsicrc_jax import cli
 from rsicrc_jax import evaluators
 from rsicrc_jax import model_io
 from rsicrc_jax.data import captions as cap
@@ -86,6 +87,8 @@ def evaluate(config, checkpoint: str, *, out_dir: str | None = None,
     config.model.vocab_size = len(dataset.vocab)
   try:
     model = model_io.load_model(checkpoint, config.model)
+  except model_io.DamagedCheckpointError:
+    raise
   except (FileNotFoundError, ValueError) as err:
     raise ValueError(f'cannot load {checkpoint} with this config: {err}') from err
   out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(checkpoint)),
@@ -165,13 +168,9 @@ def main():
       checkpoint = checkpoint or os.path.join(workdir_flag.value, 'best')
     if config is None or checkpoint is None:
       raise app.UsageError('give --config and --checkpoint, or --workdir')
-    try:
-      evaluate(config, checkpoint, out_dir=out_flag.value)
-    except (cap.DataError, ValueError) as err:
-      logging.error('%s', err)
-      sys.exit(f'error: {err}')
+    evaluate(config, checkpoint, out_dir=out_flag.value)  # failures: one line, exit 1 (cli.run)
 
-  app.run(run, argv=_workdir_config_argv(sys.argv))
+  cli.run(run, argv=_workdir_config_argv(sys.argv))
 
 
 if __name__ == '__main__':

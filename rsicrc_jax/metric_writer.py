@@ -5,6 +5,10 @@ becomes one metrics.jsonl row per group, {'step', 'split': group, <rest>: value,
 TensorBoard scalars <rest> under tensorboard/<group>. Evaluation groups also get one console line
 with their headline numbers (losses, R@10, BLEU-4, CIDEr-D); training progress is the progress
 bar's job. Only process 0 writes.
+
+A run resumed from the checkpoint of step S first drops the rows after S (written before the
+interruption, about to be written again), so metrics.jsonl reads as if the run had never
+stopped. TensorBoard does the same for its event files when it meets a step that goes back.
 """
 
 from __future__ import annotations
@@ -21,15 +25,38 @@ def _headline(key: str) -> bool:
   return 'pair_to_text' not in key and (last in _HEADLINE or last.endswith('_loss'))
 
 
+def _keep_rows_up_to(path: str, step: int) -> None:
+  """Rewrites `path` (atomically) without its rows after `step` or cut short by a kill."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)['step'] <= step:
+        keep.append(line if line.endswith('\n') else line + '\n')
+    except (ValueError, KeyError, TypeError):
+      pass  # a row cut short by a kill mid-write
+  if keep != lines:
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
+
+
 class MetricWriter:
 
-  def __init__(self, workdir: str, enabled: bool = True, console: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, console: bool = True,
+               resume_step: int = 0):
     self.enabled, self.console = enabled, console
     self._tb = {}
     self._workdir = workdir
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+      path = os.path.join(workdir, 'metrics.jsonl')
+      _keep_rows_up_to(path, resume_step)
+      self._jsonl = open(path, 'a', encoding='utf-8')
 
   def _writer(self, group: str):
     if group not in self._tb:

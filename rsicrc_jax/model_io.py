@@ -25,6 +25,15 @@ from rsicrc_jax.models import RSICRC, model_skeleton
 _STATE_FILTER = nnx.Any(nnx.Param, nnx.BatchStat)
 
 
+class DamagedCheckpointError(ValueError):
+  """Saved weights that cannot be read back: truncated, missing or corrupt files."""
+
+  def __init__(self, path: str, err: Exception):
+    first = str(err).splitlines()[0][:200] if str(err) else ''
+    super().__init__(f'{path}: the saved weights cannot be read; the files are damaged or '
+                     f'incomplete ({type(err).__name__}: {first})')
+
+
 @contextlib.contextmanager
 def atomic_output(path: str, *, is_dir: bool, overwrite: bool = False):
   """Yields a temporary path beside `path`; on success renames it to `path`, else deletes it."""
@@ -101,9 +110,15 @@ def load_model(path: str, model_config: ml_collections.ConfigDict | None = None)
   state_path = state_dir(path)
   with ocp.StandardCheckpointer() as ckptr:
     # Compare shapes first: a failed Orbax restore is slow and leaves background work behind.
-    saved = ckptr.metadata(state_path).item_metadata
+    try:
+      saved = ckptr.metadata(state_path).item_metadata
+    except Exception as err:  # pylint: disable=broad-except  # Orbax raises bare ones
+      raise DamagedCheckpointError(state_path, err) from err
     _check_same_tree(path, dict(saved), expected)
-    restored = ckptr.restore(state_path, expected)
+    try:
+      restored = ckptr.restore(state_path, expected)
+    except Exception as err:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(state_path, err) from err
   nnx.replace_by_pure_dict(target, restored)
   model = nnx.merge(graphdef, target, rest)
   model.eval()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
+import signal
 import time
 from typing import Mapping
 
@@ -22,9 +22,11 @@ import ml_collections
 import optax
 
 from rsicrc_jax import checkpointing
+from rsicrc_jax import config_check
 from rsicrc_jax import evaluators
 from rsicrc_jax import losses
 from rsicrc_jax import optim
+from rsicrc_jax import preemption
 from rsicrc_jax import sharding
 from rsicrc_jax import train_state as ts
 from rsicrc_jax.checkpointing import TrainingError
@@ -175,10 +177,11 @@ def _progress(progress: dict, best_metric: str) -> dict:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
-  """Trains per `config`, resuming from `workdir` when it holds checkpoints."""
+  """Trains per `config`, resuming from `workdir` when it holds checkpoints. On SIGINT/SIGTERM,
+  saves a checkpoint at the current step and raises preemption.Preempted."""
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  config_check.validate(config)  # before anything is written
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
   dataset = _open_dataset(config, is_main)
   _ready_model_config(config, dataset)
   checkpointing.check_resumable(workdir, config)
@@ -213,16 +216,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   data_iter = pipeline.iterate(train_batches, num_threads=config.data.num_threads,
                                prefetch=config.data.prefetch)
   progress = {'best': {'metric': config.best_metric, 'value': None, 'step': None},
-              'history': []}
-  if (start := ckpt.latest_step()) is not None:
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            state, shardings)
-    state, data_state, progress = ckpt.restore(start, abstract)
+              'history': [], 'epoch_loss': [0.0, 0]}
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          state, shardings)
+  if (restored := ckpt.restore_latest(abstract)) is not None:
+    start, state, data_state, progress = restored
     progress = _progress(progress, config.best_metric)
     data_iter.set_state(data_state)
     logging.info('resumed from %s at step %d', ckpt.directory, start)
   step = int(jax.device_get(state.step))
-  writer = MetricWriter(workdir, enabled=is_main)
+  writer = MetricWriter(workdir, enabled=is_main, resume_step=step)
+  # Saves: at each epoch end, every config.checkpoint.every_steps steps, every
+  # config.checkpoint.every_minutes of wall clock, and on SIGINT/SIGTERM.
+  every_minutes = float(config.checkpoint.get('every_minutes', 0))
+  saved_at = time.monotonic()
+
+  def save(epoch_loss):
+    nonlocal saved_at
+    progress['epoch_loss'] = list(epoch_loss)
+    ckpt.save(step, state, data_iter.get_state(), progress)
+    saved_at = time.monotonic()
 
   def run_evals(epoch: int, epoch_end: bool) -> dict[str, float]:
     """The evaluators due now; saves best/ when config.best_metric improved."""
@@ -243,47 +256,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     return results
 
   try:
-    while step < plan.num_steps:
-      epoch = step // plan.steps_per_epoch + 1
-      epoch_end = epoch * plan.steps_per_epoch
-      bar = tqdm(total=plan.steps_per_epoch,
-                 initial=step - (epoch - 1) * plan.steps_per_epoch,
-                 desc=f'epoch {epoch}/{config.epochs}', disable=not is_main, dynamic_ncols=True)
-      t0, seen, train_sum, count = None, 0, 0.0, 0
-      while step < epoch_end:
-        state, aux = train_step(state, sharding.global_batch(next(data_iter), mesh))
-        step += 1
-        if t0 is None:  # pairs/s from the end of the first step (compilation excluded)
-          jax.block_until_ready(aux)
-          t0 = time.perf_counter()
-        else:
-          seen += config.batch_size
-        if step % config.log_every_steps == 0 or step == epoch_end:
-          aux = {k: float(v) for k, v in jax.device_get(aux).items()}
-          if not all(map(math.isfinite, aux.values())):
-            raise TrainingError(
-                f'non-finite loss at step {step} ({aux}); the last good checkpoint is step '
-                f'{ckpt.latest_step()} in {ckpt.directory}')
-          train_sum, count = train_sum + aux['loss'], count + 1
-          rate, lr = seen / max(time.perf_counter() - t0, 1e-9), float(schedule(step - 1))
-          bar.set_postfix(loss=f'{aux["loss"]:.3f}', cap=f'{aux["caption_loss"]:.3f}',
-                          con=f'{aux["contrastive_loss"]:.3f}', lr=f'{lr:.1e}',
-                          pairs_s=f'{rate:.0f}')
-          writer.write(step, {f'train/{k}': v for k, v in
-                              dict(aux, learning_rate=lr, pairs_per_s=rate).items()})
-        bar.update(1)
-        if step != epoch_end:
+    with preemption.StopSignals() as signals:
+      while step < plan.num_steps:
+        epoch = step // plan.steps_per_epoch + 1
+        epoch_end = epoch * plan.steps_per_epoch
+        bar = tqdm(total=plan.steps_per_epoch,
+                   initial=step - (epoch - 1) * plan.steps_per_epoch,
+                   desc=f'epoch {epoch}/{config.epochs}', disable=not is_main, dynamic_ncols=True)
+        # The epoch's mean train loss survives a mid-epoch resume through the checkpoint.
+        mid_epoch = step > (epoch - 1) * plan.steps_per_epoch
+        train_sum, count = progress.get('epoch_loss', [0.0, 0]) if mid_epoch else (0.0, 0)
+        t0, seen = None, 0
+        while step < epoch_end:
+          state, aux = train_step(state, sharding.global_batch(next(data_iter), mesh))
+          step += 1
+          if t0 is None:  # pairs/s from the end of the first step (compilation excluded)
+            jax.block_until_ready(aux)
+            t0 = time.perf_counter()
+          else:
+            seen += config.batch_size
+          if step % config.log_every_steps == 0 or step == epoch_end:
+            aux = {k: float(v) for k, v in jax.device_get(aux).items()}
+            if not all(map(math.isfinite, aux.values())):
+              raise TrainingError(
+                  f'non-finite loss at step {step} ({aux}); the last good checkpoint is step '
+                  f'{ckpt.latest_step()} in {ckpt.directory}')
+            train_sum, count = train_sum + aux['loss'], count + 1
+            rate, lr = seen / max(time.perf_counter() - t0, 1e-9), float(schedule(step - 1))
+            bar.set_postfix(loss=f'{aux["loss"]:.3f}', cap=f'{aux["caption_loss"]:.3f}',
+                            con=f'{aux["contrastive_loss"]:.3f}', lr=f'{lr:.1e}',
+                            pairs_s=f'{rate:.0f}')
+            writer.write(step, {f'train/{k}': v for k, v in
+                                dict(aux, learning_rate=lr, pairs_per_s=rate).items()})
+          bar.update(1)
+          if step == epoch_end:
+            break
           if any(ev.due(step, epoch, False) for ev in evals):
             run_evals(epoch, epoch_end=False)
-          if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
-            ckpt.save(step, state, data_iter.get_state(), progress)
-      bar.close()
-      results = run_evals(epoch, epoch_end=True)
-      progress['history'].append({'epoch': epoch, 'step': step,
-                                  'train/loss': train_sum / max(count, 1), **results})
-      ckpt.save(step, state, data_iter.get_state(), progress)
+          stop, late = False, False
+          # One process decides alone; several agree at logged steps (a collective per step
+          # would cost a host round trip each).
+          if jax.process_count() == 1 or step % config.log_every_steps == 0:
+            stop, late = preemption.agree(
+                signals.received is not None,
+                every_minutes > 0 and time.monotonic() - saved_at > 60 * every_minutes)
+          if stop or late or (config.checkpoint.every_steps
+                              and step % config.checkpoint.every_steps == 0):
+            save((train_sum, count))
+          if stop:
+            bar.close()
+            raise preemption.Preempted(step, signals.received or signal.SIGTERM, ckpt.directory)
+        bar.close()
+        results = run_evals(epoch, epoch_end=True)
+        progress['history'].append({'epoch': epoch, 'step': step,
+                                    'train/loss': train_sum / max(count, 1), **results})
+        save((0.0, 0))
+        if preemption.agree(signals.received is not None)[0] and step < plan.num_steps:
+          raise preemption.Preempted(step, signals.received or signal.SIGTERM, ckpt.directory)
   finally:
     writer.close()
     ckpt.close()
   return RunResult(step, config.best_metric, progress['best']['value'], progress['history'])
-

@@ -29,6 +29,23 @@ class CheckpointError(ValueError):
 
 # ----------------------------------------------------------------------------- reading files
 
+def _check_looks_like_torch(path: str) -> None:
+  """torch.save writes a zip archive (since 1.6) or a pickle stream (before): anything else
+  (an HTML page from a failed download, a text file, a truncated header) is refused here, before
+  torch is needed to find that out."""
+  with open(path, 'rb') as f:
+    head = f.read(512)
+  if head.startswith(b'PK\x03\x04') or head.startswith(b'\x80'):
+    return
+  if not head:
+    raise CheckpointError(f'{path}: the file is empty, not a PyTorch checkpoint')
+  text = all(32 <= b < 127 or b in b'\t\r\n' for b in head[:64])
+  what = (f'it starts with text: {head[:40].decode("ascii", "replace")!r}' if text
+          else f'it starts with bytes {head[:8].hex(" ")}')
+  raise CheckpointError(f'{path}: not a PyTorch checkpoint (torch.save writes a zip archive or a '
+                        f'pickle; {what})')
+
+
 def load_torch_state_dict(path: str) -> dict[str, Array]:
   """Reads a PyTorch state_dict from a `.pt`/`.pth`/`.bin` file or a `.npz` of arrays.
 
@@ -44,6 +61,7 @@ def load_torch_state_dict(path: str) -> dict[str, Array]:
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
       raise CheckpointError(f'{path}: not a readable .npz archive of arrays ({e})') from e
   else:
+    _check_looks_like_torch(path)
     try:
       import torch  # pylint: disable=import-outside-toplevel
     except ImportError as e:

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,6 +118,7 @@ def test_frozen_parameters_are_not_in_the_optimizer():
 def test_incompatible_workdir_fails_clearly(tmp_path):
   c = demo.get_config()
   (tmp_path / 'config.json').write_text(c.to_json())
+  (tmp_path / 'checkpoints' / '10').mkdir(parents=True)
   checkpointing.check_resumable(str(tmp_path), c)  # same config: fine
   c.data.num_threads = 1  # not part of the run's identity
   checkpointing.check_resumable(str(tmp_path), c)
@@ -126,9 +129,23 @@ def test_incompatible_workdir_fails_clearly(tmp_path):
     checkpointing.check_resumable(str(tmp_path), c)
 
 
+def test_a_workdir_without_checkpoints_never_blocks_a_run(tmp_path):
+  """A launch that failed before its first checkpoint left config.json: the corrected command
+  (another config) starts afresh there."""
+  c = demo.get_config()
+  (tmp_path / 'config.json').write_text(c.to_json())
+  (tmp_path / 'checkpoints').mkdir()
+  c.batch_size = 8
+  checkpointing.check_resumable(str(tmp_path), c)
+  (tmp_path / 'checkpoints' / '5').mkdir()
+  with pytest.raises(checkpointing.TrainingError, match='config.batch_size'):
+    checkpointing.check_resumable(str(tmp_path), c)
+
+
 def test_resume_check_compares_every_field_it_does_not_ignore(tmp_path):
   c = demo.get_config()
   (tmp_path / 'config.json').write_text(c.to_json())
+  (tmp_path / 'checkpoints' / '10').mkdir(parents=True)
   c.evals.val_caption.every_epochs = 5  # how the run is observed: listed in RESUME_IGNORES
   c.checkpoint.keep = 7
   checkpointing.check_resumable(str(tmp_path), c)
@@ -250,14 +267,44 @@ def launch(workdir, data_dir, *extra, wait=True, log=None):
 
 
 def train_losses(workdir):
-  """step -> the last logged train losses (a resumed run logs some steps twice)."""
+  """step -> the train losses logged at that step."""
   out = {}
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     for line in f:
       rec = json.loads(line)
       if rec['split'] == 'train':
+        assert rec['step'] not in out, f'step {rec["step"]} logged twice'
         out[rec['step']] = (rec['loss'], rec['caption_loss'], rec['contrastive_loss'])
   return out
+
+
+def assert_same_metric_rows(workdir, reference, rtol=1e-6):
+  """metrics.jsonl of `workdir` holds the rows of `reference`'s, in order, with the same values
+  (throughput aside): a resumed run reads as if it had never stopped."""
+  def rows(w):
+    with open(os.path.join(w, 'metrics.jsonl')) as f:
+      return [{k: v for k, v in json.loads(l).items() if k != 'pairs_per_s'} for l in f]
+  got, want = rows(workdir), rows(reference)
+  assert [(r['step'], r['split']) for r in got] == [(r['step'], r['split']) for r in want]
+  for g, w in zip(got, want):
+    assert g.keys() == w.keys(), (g['step'], g['split'])
+    keys = sorted(k for k in g if k != 'split')
+    np.testing.assert_allclose([g[k] for k in keys], [w[k] for k in keys], rtol=rtol,
+                               err_msg=f'step {g["step"]} {g["split"]}')
+
+
+def final_history(workdir):
+  """The per-epoch history in the last checkpoint's progress."""
+  step = max(checkpointing.checkpoint_steps(str(workdir)))
+  with open(os.path.join(workdir, 'checkpoints', str(step), 'progress', 'metadata')) as f:
+    return json.load(f)['history']
+
+
+def truncate_largest_file(folder):
+  files = [os.path.join(d, n) for d, _, names in os.walk(folder) for n in names]
+  path = max(files, key=os.path.getsize)
+  os.truncate(path, os.path.getsize(path) // 2)
+  return path
 
 
 def val_losses(workdir):
@@ -279,6 +326,9 @@ def val_rows(workdir):
 
 
 def test_uninterrupted_run_writes_what_a_person_needs(baseline):
+  log = open(f'{baseline}.log').read()
+  info = [l for l in log.splitlines() if re.match(r'[IW]\d{4} ', l)]
+  assert not info, info[:5]  # no INFO lines, no meaningless warnings by default
   losses = train_losses(baseline)
   assert sorted(losses) == list(range(1, 51))
   assert sorted(val_losses(baseline)) == [25, 50]
@@ -344,9 +394,67 @@ def test_resume_after_sigkill_mid_epoch_matches_an_uninterrupted_run(baseline, d
   assert sorted(got) == list(range(1, 51))
   for step in range(1, 51):
     np.testing.assert_allclose(got[step], want[step], rtol=1e-6, err_msg=f'step {step}')
-  vw, vg = val_losses(baseline), val_losses(workdir)
-  assert vg.keys() == vw.keys()
-  np.testing.assert_allclose([vg[s] for s in vw], [vw[s] for s in vw], rtol=1e-6)
+  assert_same_metric_rows(workdir, baseline)  # the replayed steps' rows are not duplicated
+
+
+def test_sigterm_saves_the_current_step_and_the_rerun_matches(baseline, data_dir, tmp_path):
+  """SIGTERM (a preemption) mid-epoch: the run saves a checkpoint at the step in flight, says
+  how to resume and exits 143; the rerun's metrics and history equal the uninterrupted run's."""
+  workdir = tmp_path / 'preempted'
+  proc = launch(workdir, data_dir, wait=False)
+  deadline = time.time() + 600
+  while time.time() < deadline:
+    rows = (workdir / 'metrics.jsonl').read_text() if (workdir / 'metrics.jsonl').exists() else ''
+    if '"step": 8,' in rows:  # mid-epoch 1, between the every-5-steps checkpoints
+      break
+    assert proc.poll() is None, open(proc.log).read()[-3000:]
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  proc.wait(timeout=300)
+  out = open(proc.log).read()
+  assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+  match = re.search(r'stopped by SIGTERM at step (\d+); checkpoint saved in (\S+)\. Run the same '
+                    r'command again to resume from it\.', out)
+  assert match, out[-3000:]
+  stopped_at = int(match.group(1))
+  assert 8 <= stopped_at < 25 and 'Traceback' not in out
+  assert max(checkpointing.checkpoint_steps(str(workdir))) == stopped_at
+  assert max(train_losses(workdir)) == stopped_at
+  out = launch(workdir, data_dir)
+  assert 'done: step 50' in out
+  assert_same_metric_rows(workdir, baseline)
+  np.testing.assert_allclose(
+      [h['train/loss'] for h in final_history(workdir)],
+      [h['train/loss'] for h in final_history(baseline)], rtol=1e-6)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(baseline, data_dir, tmp_path):
+  workdir = tmp_path / 'damaged'
+  shutil.copytree(baseline, workdir)
+  newest = max(checkpointing.checkpoint_steps(str(workdir)))
+  older = min(checkpointing.checkpoint_steps(str(workdir)))
+  assert older < newest
+  truncate_largest_file(workdir / 'checkpoints' / str(newest) / 'state')
+  out = launch(workdir, data_dir)  # the finished run: it replays the steps after `older`
+  assert f'checkpoints/{newest} is damaged and will not be used' in out
+  assert f'resuming from step {older}, the newest intact checkpoint' in out
+  assert f'done: step {newest}' in out and 'Traceback' not in out
+  moved = os.listdir(workdir / 'damaged_checkpoints')
+  assert len(moved) == 1 and moved[0].startswith(f'{newest}-')
+  assert newest in checkpointing.checkpoint_steps(str(workdir))  # saved afresh
+  assert_same_metric_rows(workdir, baseline)
+
+
+def test_eval_refuses_a_damaged_model_dir_in_one_line(baseline, data_dir, tmp_path):
+  best = tmp_path / 'best'
+  shutil.copytree(baseline / 'best', best)
+  truncate_largest_file(best)
+  out = subprocess.run([sys.executable, '-m', 'rsicrc_jax.eval', f'--config={TINY}',
+                        f'--config.data.data_dir={data_dir}', f'--checkpoint={best}'],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 1
+  assert 'the saved weights cannot be read; the files are damaged or incomplete' in out.stderr
+  assert 'Traceback' not in out.stderr and len(out.stderr.strip().splitlines()) <= 3, out.stderr
 
 
 def test_two_processes_agree_with_one(baseline, data_dir, tmp_path):

@@ -1,0 +1,123 @@
+"""What every rsicrc_jax command shares: --help exits 0; a bad flag or config value is one line
+naming it (exit 2); a known failure is one line (exit 1), not a traceback; logs are quiet unless
+--verbosity asks for more.
+
+  cli.run(main)   # in place of absl's app.run(main)
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import sys
+from typing import Callable, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+
+HELP_FLAGS = ('-h', '-?', '--help', '--helpshort', '--helpfull', '--helpxml')
+
+# Exit statuses: 2 = the command line or the config is wrong (as argparse does); 1 = a failure
+# the message explains (data, checkpoint, workdir).
+USAGE_ERROR, FAILURE = 2, 1
+
+
+class ConfigError(ValueError):
+  """A config field has a value the code cannot use; the message names the field."""
+
+
+def _known_failures() -> tuple[type[BaseException], ...]:
+  # Imported here: the command's own imports decide when JAX and friends load.
+  from rsicrc_jax import checkpointing, weights  # pylint: disable=import-outside-toplevel
+  from rsicrc_jax.data import captions  # pylint: disable=import-outside-toplevel
+  return (checkpointing.TrainingError, captions.DataError, weights.CheckpointError,
+          FileNotFoundError, FileExistsError, ValueError)
+
+
+def quiet_third_party_logs() -> None:
+  """TensorFlow's C++ notices (oneDNN, CUDA probing) and OpenCV's plugin lines; must run before
+  they are imported. An explicit setting in the environment wins."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  # TensorFlow only reads records and writes TensorBoard here; its oneDNN kernels would only
+  # announce themselves (on stderr, before any log level applies).
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+  os.environ.setdefault('OPENCV_LOG_LEVEL', 'ERROR')
+  os.environ.setdefault('GRPC_VERBOSITY', 'ERROR')
+
+
+# Warnings that say nothing to a user: TFDS announcing the builder config our pipeline passes it,
+# Orbax looking for a step-level metadata file inside a model dir's state/ folder.
+_NOISE = ('Using custom data configuration', 'Metadata file does not exist')
+
+
+class _DropNoise(std_logging.Filter):
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_NOISE)
+
+
+def _flag_error(argv: Sequence[str], err: Exception) -> str:
+  """One line for a flag that failed to parse: the argument at fault and why."""
+  if isinstance(err, (AttributeError, KeyError)):
+    while err.__context__ is not None and isinstance(err.__context__, (AttributeError, KeyError)):
+      err = err.__context__  # ml_collections wraps its did-you-mean KeyError in AttributeError
+    text = str(err).strip('"\'')
+    key = text.split("'")[1] if "'" in text else text.split()[0]
+    culprit = next((a for a in argv[1:] if a.startswith('--') and
+                    a.split('=', 1)[0].endswith(f'.{key}')), None)
+    hint = text.splitlines()[-1].strip() if 'Did you mean' in text else ''
+    text = f'no such config field {key!r}' + (f' ({hint})' if hint else '')
+    return f'{culprit}: {text}' if culprit else text
+  return ' '.join(str(err).split())
+
+
+def _config_load_error(err: OSError) -> str:
+  """ml_collections defers a config file that failed to load until its first use."""
+  lines = [l.strip() for l in str(err).splitlines() if l.strip()]
+  return f'the config file could not be loaded: {lines[-1] if lines else err}'
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    app.usage(shorthelp='--helpfull' not in argv, writeto_stdout=True, exitcode=0)
+  try:
+    rest = flags.FLAGS(argv)
+    for name in flags.FLAGS:
+      getattr(flags.FLAGS[name].value, 'keys', None)  # a config that failed to load raises here
+  except OSError as err:
+    _usage_error(_config_load_error(err))
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
+    _usage_error(_flag_error(argv, err))
+  return rest
+
+
+def _usage_error(message: str) -> None:
+  print(f'error: {message}\n(--help lists the flags)', file=sys.stderr)
+  sys.exit(USAGE_ERROR)
+
+
+def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
+  """absl's app.run with the behaviour above. Verbosity defaults to warnings; pass
+  --verbosity=0 (or 1) for INFO (or DEBUG) logs."""
+  quiet_third_party_logs()
+  argv = list(sys.argv if argv is None else argv)
+  if not any(a.startswith(('--verbosity', '-v=', '--v=')) for a in argv[1:]):
+    argv.insert(1, '--verbosity=-1')
+    std_logging.getLogger('absl').addFilter(_DropNoise())
+
+  def wrapped(args):
+    try:
+      return main(args)
+    except app.UsageError as err:
+      _usage_error(str(err))
+    except ConfigError as err:
+      logging.info('config error', exc_info=True)
+      print(f'error: {err}', file=sys.stderr)
+      sys.exit(USAGE_ERROR)
+    except _known_failures() as err:
+      logging.info('failure', exc_info=True)  # the traceback, for --verbosity=0
+      print(f'error: {err}', file=sys.stderr)
+      sys.exit(FAILURE)
+
+  app.run(wrapped, argv=argv, flags_parser=_parse_flags)

@@ -1,0 +1,115 @@
+"""The command lines as a person meets them: --help, typos, bad values, wrong files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import demo, levir
+from rsicrc_jax import config_check
+from rsicrc_jax.cli import ConfigError
+from rsicrc_jax.metric_writer import MetricWriter
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, timeout=300):
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize('command', [['launch.py'], ['-m', 'rsicrc_jax.eval'],
+                                     ['-m', 'rsicrc_jax.convert']])
+def test_help_exits_zero_and_shows_usage(command):
+  out = run(*command, '--help')
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'usage' in out.stdout.lower() or 'python ' in out.stdout
+  assert '--config' in out.stdout
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--config.nonexistent=1', "--config.nonexistent=1: no such config field 'nonexistent'"),
+    ('--config.model.dropot=0.2', "--config.model.dropot=0.2: no such config field 'dropot'"),
+    ('--config.batch_size=abc', "--config.batch_size=abc: invalid literal for int()"),
+])
+def test_config_typos_give_one_line_and_exit_2(tmp_path, flag, message):
+  out = run('launch.py', '--config=configs/demo.py', f'--workdir={tmp_path}/w', flag)
+  assert out.returncode == 2
+  assert out.stderr.startswith('error: ') and message in out.stderr, out.stderr
+  assert 'Traceback' not in out.stderr and len(out.stderr.splitlines()) == 2
+  assert not os.path.exists(tmp_path / 'w')
+
+
+def test_a_bad_value_is_refused_before_anything_is_written(tmp_path):
+  out = run('launch.py', '--config=configs/demo.py', f'--workdir={tmp_path}/w',
+            '--config.batch_size=-3', '--config.lr_schedule=cos')
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.strip() == ("error: config.batch_size=-3: expected a positive integer; "
+                                "config.lr_schedule='cos': expected 'constant' or 'cosine'")
+  assert not os.path.exists(tmp_path / 'w')
+
+
+def test_a_missing_config_file_is_one_line():
+  out = run('launch.py', '--config=configs/no_such_config.py')
+  assert out.returncode == 2
+  assert "No such file or directory: 'configs/no_such_config.py'" in out.stderr
+  assert 'Traceback' not in out.stderr
+
+
+def test_convert_says_when_a_file_is_not_a_checkpoint(tmp_path):
+  page = tmp_path / 'RemoteCLIP-RN50.pt'
+  page.write_text('<!DOCTYPE html><html><body>Repository not found</body></html>')
+  out = run('-m', 'rsicrc_jax.convert', 'remoteclip', str(page), f'--out={tmp_path}/rn50.npz')
+  assert out.returncode == 1
+  assert out.stderr.strip() == (
+      f"error: {page}: not a PyTorch checkpoint (torch.save writes a zip archive or a pickle; "
+      "it starts with text: '<!DOCTYPE html><html><body>Repository no')")
+  assert not os.path.exists(tmp_path / 'rn50.npz')
+
+
+def test_every_rule_names_a_field_the_configs_have():
+  """A misspelt rule would silently check nothing."""
+  c = levir.get_config()
+  for field, _, _ in config_check.RULES:
+    config_check._get(c, field)  # pylint: disable=protected-access
+  for get_config in (levir.get_config, demo.get_config):
+    config_check.validate(get_config())
+
+
+def test_validate_names_every_bad_field():
+  c = demo.get_config()
+  c.model.dropout = 1.5
+  c.loss.top_k = 0
+  c.data.name = 'levir'
+  c.model.a_dim = 190  # not a multiple of 4 heads: only reported once the rest is right
+  with pytest.raises(ConfigError) as err:
+    config_check.validate(c)
+  assert str(err.value) == (
+      "config.model.dropout=1.5: expected a number in [0, 1); config.loss.top_k=0: expected -1 "
+      "(all) or a positive integer; config.data.name='levir': expected one of ['levir_cc', "
+      "'synthetic_cc']")
+  c.model.dropout, c.loss.top_k, c.data.name = 0.1, -1, 'synthetic_cc'
+  with pytest.raises(ConfigError, match=r'config.model.a_dim=190: expected a multiple of '
+                     r'config.model.num_heads=4'):
+    config_check.validate(c)
+  c.model.a_dim = 192
+  c.evals.val_caption.beam_size = 0
+  with pytest.raises(ConfigError, match=r'config.evals.val_caption.beam_size: expected >= 1'):
+    config_check.validate(c)
+
+
+def test_metric_writer_drops_rows_after_the_resumed_step(tmp_path):
+  """Rows written after the checkpoint a run resumes from (and a row cut short by a kill) go;
+  the rest stay byte for byte."""
+  rows = [{'step': s, 'split': 'train', 'loss': 1.0 / s} for s in (1, 2, 3, 4)]
+  text = ''.join(json.dumps(r) + '\n' for r in rows) + '{"step": 5, "spl'
+  (tmp_path / 'metrics.jsonl').write_text(text)
+  writer = MetricWriter(str(tmp_path), console=False, resume_step=2)
+  writer._jsonl.write(json.dumps({'step': 3, 'split': 'train', 'loss': 0.5}) + '\n')  # pylint: disable=protected-access
+  writer._jsonl.close()  # pylint: disable=protected-access
+  lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
+  assert lines[:2] == text.splitlines()[:2]
+  assert [json.loads(l)['step'] for l in lines] == [1, 2, 3]
