@@ -31,9 +31,21 @@ from rsicrc_jax.data import captions as cap
 from rsicrc_jax.data import pipeline
 
 
+def figure_pairs(changed: np.ndarray, num: int) -> list[int]:
+  """Which pairs to draw: the first ones of the split, about a quarter of them no-change pairs
+  (at least one when there are two figures or more), the rest changed pairs."""
+  no_change = np.flatnonzero(~changed)
+  n_same = min(len(no_change), max(num // 4, 1 if num >= 2 else 0))
+  picked = list(no_change[:n_same]) + list(np.flatnonzero(changed)[:num - n_same])
+  if len(picked) < num:  # too few of one kind: fill with the other
+    picked += [i for i in range(len(changed)) if i not in picked][:num - len(picked)]
+  return sorted(int(i) for i in picked)
+
+
 def save_figures(run, dataset, split, config, out_dir, num: int) -> list[str]:
-  """before | after | mean fused feature map | cross-attention over the after image (mean over
-  the generated words), titled with the generated caption."""
+  """One PNG per drawn pair: before | after | the decoder's cross-attention over the after
+  image, with the generated caption and the references beneath. Greedy decoding only (beam
+  search keeps no attention)."""
   if not len(run['attention']) or num <= 0:
     return []
   import matplotlib  # pylint: disable=import-outside-toplevel
@@ -41,34 +53,40 @@ def save_figures(run, dataset, split, config, out_dir, num: int) -> list[str]:
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   os.makedirs(out_dir, exist_ok=True)
   source = dataset.source(split)
-  grid = int(round(np.sqrt(run['fused'].shape[1])))
+  grid = int(round(np.sqrt(run['attention'].shape[-1])))
   paths = []
-  for i in range(min(num, len(run['pair']))):
+  for i in figure_pairs(run['flag'] != -1, num):
     rec = source[int(run['pair'][i])]
     a = pipeline.resize_center_crop(rec['image_a'], config.model.image_size)
     b = pipeline.resize_center_crop(rec['image_b'], config.model.image_size)
     n_words = max(len(run['hypothesis'][i].split()) + 1, 1)  # + END
-    # Token order follows the encoder's transposed grid: transpose back for display.
-    fused = run['fused'][i].reshape(grid, grid).T
+    # Token order follows the encoder's transposed grid: transpose back for display. Each row
+    # of the attention sums to 1 over the grid cells; the map is its mean over the words.
     attn = run['attention'][i][:n_words].mean(0).reshape(grid, grid).T
-    fig, axes = plt.subplots(1, 4, figsize=(12, 3.4))
-    for ax, img, title in ((axes[0], a, 'before'), (axes[1], b, 'after')):
-      ax.imshow(img)
-      ax.set_title(title)
-    axes[2].imshow(fused, cmap='viridis')
-    axes[2].set_title('mean fused features')
-    axes[3].imshow(b)
-    axes[3].imshow(attn, cmap='jet', alpha=0.45, interpolation='bilinear',
-                   extent=(0, b.shape[1], b.shape[0], 0))
-    axes[3].set_title('cross-attention')
+    fig, axes = plt.subplots(1, 3, figsize=(13.5, 6.2), gridspec_kw={'bottom': 0.3})
+    axes[0].imshow(a)
+    axes[0].set_title('before')
+    axes[1].imshow(b)
+    axes[1].set_title('after')
+    axes[2].imshow(b)
+    im = axes[2].imshow(attn, cmap='magma', alpha=0.55, interpolation='nearest',
+                        extent=(0, b.shape[1], b.shape[0], 0), vmin=0)
+    axes[2].set_title('where the caption looked')
+    bar = fig.colorbar(im, ax=axes[2], fraction=0.046, pad=0.03)
+    bar.set_label(f'share of cross-attention per cell\n(mean over the caption\'s words, '
+                  f'{grid}x{grid} cells)', fontsize=9)
     for ax in axes:
-      ax.axis('off')
+      ax.set_xticks([])
+      ax.set_yticks([])
     name = run['filename'][i]
-    fig.suptitle(f'{name}: {run["hypothesis"][i]}\nref: {run["references"][i][0].strip()}',
-                 fontsize=9)
-    fig.tight_layout()
+    kind = 'changed' if run['flag'][i] != -1 else 'no change'
+    fig.suptitle(f'{name} ({kind})', fontsize=13)
+    refs = '\n'.join(f'  {r.strip()}' for r in run['references'][i])
+    fig.text(0.03, 0.25, f'generated: {run["hypothesis"][i]}', fontsize=12, weight='bold',
+             va='top', wrap=True)
+    fig.text(0.03, 0.19, f'references:\n{refs}', fontsize=10, va='top', family='monospace')
     path = os.path.join(out_dir, f'{i:03d}_{os.path.splitext(name)[0]}.png')
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     paths.append(path)
   return paths

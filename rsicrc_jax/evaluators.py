@@ -44,11 +44,11 @@ TYPES = ('loss', 'retrieval', 'caption')
 
 @functools.partial(jax.jit, static_argnames='graphdef')
 def _embed(graphdef, state, image_a, image_b, tokens):
-  """(uint8 images a, b, tokens) -> visual_emb, text_emb, visual tokens (eval mode)."""
+  """(uint8 images a, b, tokens) -> visual_emb, text_emb (eval mode)."""
   m = nnx.merge(graphdef, state)
   a, b = pipeline.normalize_images(image_a), pipeline.normalize_images(image_b)
-  visual_emb, visual_tokens = m.encode_images(a, b)
-  return visual_emb, m.encode_text(tokens, tokens == cap.PAD), visual_tokens
+  visual_emb, _ = m.encode_images(a, b)
+  return visual_emb, m.encode_text(tokens, tokens == cap.PAD)
 
 
 @functools.partial(jax.jit, static_argnames='graphdef')
@@ -69,7 +69,7 @@ def run_model(model, dataset: pipeline.Dataset, split: str, config, *, batch_siz
   words = cap.id_to_word(dataset.vocab)
   out = {k: [] for k in ('visual', 'text', 'flag', 'caption_id', 'caption_emb', 'pair',
                          'filename', 'hypothesis', 'references', 'all_text', 'all_caption_ids',
-                         'attention', 'fused')}
+                         'attention')}
   steps = plan.steps_per_epoch
   if max_pairs:
     steps = min(steps, -(-max_pairs // batch_size))
@@ -79,7 +79,7 @@ def run_model(model, dataset: pipeline.Dataset, split: str, config, *, batch_siz
     b = next(it)
     keep = np.flatnonzero(b['valid'])
     a, bb = jnp.asarray(b['image_a']), jnp.asarray(b['image_b'])
-    visual, text, visual_tokens = _embed(graphdef, params, a, bb, jnp.asarray(b['tokens']))
+    visual, text = _embed(graphdef, params, a, bb, jnp.asarray(b['tokens']))
     all_tokens = b['all_tokens'].reshape(-1, b['all_tokens'].shape[-1])
     all_text = np.asarray(_embed_text(graphdef, params, jnp.asarray(all_tokens)))
     out['all_text'].append(all_text.reshape(len(b['valid']), cap.CAPTIONS_PER_PAIR, -1)[keep])
@@ -99,8 +99,7 @@ def run_model(model, dataset: pipeline.Dataset, split: str, config, *, batch_siz
                                             length_penalty=length_penalty)
       else:
         tokens, _, attn = decoding.greedy_decode_cached(model, na, nb)
-        out['attention'].append(np.asarray(attn)[keep])
-        out['fused'].append(np.asarray(visual_tokens)[keep].mean(-1))
+        out['attention'].append(np.asarray(attn)[keep])  # for eval's figures
       out['hypothesis'] += [cap.decode_caption(np.asarray(tokens[i]), words) for i in keep]
   run = {k: (np.concatenate(v) if v and k not in ('filename', 'hypothesis', 'references')
              else v) for k, v in out.items()}

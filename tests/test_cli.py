@@ -113,3 +113,15 @@ def test_metric_writer_drops_rows_after_the_resumed_step(tmp_path):
   lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
   assert lines[:2] == text.splitlines()[:2]
   assert [json.loads(l)['step'] for l in lines] == [1, 2, 3]
+
+
+def test_figures_draw_no_change_pairs_too():
+  import numpy as np
+  from rsicrc_jax.eval import figure_pairs
+  changed = np.array([True] * 10 + [False] * 3 + [True] * 5)
+  assert figure_pairs(changed, 8) == [0, 1, 2, 3, 4, 5, 10, 11]  # 2 of 8 no-change
+  assert figure_pairs(changed, 2) == [0, 10]
+  assert figure_pairs(changed, 1) == [0]
+  assert figure_pairs(np.ones(4, bool), 3) == [0, 1, 2]
+  assert figure_pairs(np.zeros(4, bool), 3) == [0, 1, 2]  # only no-change pairs: all drawn
+  assert figure_pairs(changed, 40) == list(range(18))

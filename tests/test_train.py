@@ -506,7 +506,10 @@ def test_eval_command_on_the_trained_run(baseline, data_dir, tmp_path):
   lines = [json.loads(l) for l in open(out_dir / 'captions.jsonl')]
   assert len(lines) == 12 and all(len(l['references']) == 5 for l in lines)
   assert '| BLEU-1 |' in out.stdout and (out_dir / 'metrics.md').exists()
-  assert len(os.listdir(out_dir / 'figures')) == 2
+  figures = sorted(os.listdir(out_dir / 'figures'))
+  assert len(figures) == 2
+  drawn = [lines[int(f.split('_')[0])]['changed'] for f in figures]  # <pair index>_<name>.png
+  assert sorted(drawn) == [False, True]  # a no-change pair among the drawn examples
 
 
 def test_eval_says_what_to_run(baseline, data_dir, tmp_path):
