@@ -70,8 +70,9 @@ def main(argv):
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join(
       'runs', os.path.splitext(os.path.basename(flags.FLAGS['config'].config_filename))[0])
-  logging.info('workdir %s, %d devices over %d processes', workdir, jax.device_count(),
-               jax.process_count())
+  if jax.process_index() == 0:
+    print(f'workdir {workdir}: {jax.device_count()} devices over {jax.process_count()} '
+          'processes', flush=True)
   from rsicrc_jax import preemption  # pylint: disable=import-outside-toplevel
   try:
     result = train.train_and_evaluate(config, workdir)

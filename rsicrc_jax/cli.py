@@ -115,6 +115,9 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
       logging.info('config error', exc_info=True)
       print(f'error: {err}', file=sys.stderr)
       sys.exit(USAGE_ERROR)
+    except KeyboardInterrupt:
+      print('interrupted', file=sys.stderr)
+      sys.exit(128 + 2)  # as a shell reports SIGINT
     except _known_failures() as err:
       logging.info('failure', exc_info=True)  # the traceback, for --verbosity=0
       print(f'error: {err}', file=sys.stderr)
