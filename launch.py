@@ -16,7 +16,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from rsicrc_jax import cli
