@@ -46,9 +46,10 @@ def quiet_third_party_logs() -> None:
   os.environ.setdefault('GRPC_VERBOSITY', 'ERROR')
 
 
-# Warnings that say nothing to a user: TFDS announcing the builder config our pipeline passes it,
-# Orbax looking for a step-level metadata file inside a model dir's state/ folder.
-_NOISE = ('Using custom data configuration', 'Metadata file does not exist')
+# Warnings that say nothing to a user: TFDS announcing the builder config our pipeline passes it
+# and probing a dataset folder before building it, Orbax looking for a step-level metadata file
+# inside a model dir's state/ folder.
+_NOISE = ('Using custom data configuration', 'Variant folder', 'Metadata file does not exist')
 
 
 class _DropNoise(std_logging.Filter):

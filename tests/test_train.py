@@ -489,6 +489,43 @@ def test_two_processes_agree_with_one(baseline, data_dir, tmp_path):
   np.testing.assert_allclose([vg[s] for s in vw], [vw[s] for s in vw], rtol=2e-2)
 
 
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(data_dir, tmp_path):
+  """A preemption notice reaches one host: both processes save the same step and stop; the
+  relaunch of both finishes the run with every step logged once."""
+  import portpicker
+
+  def start(tag):
+    port = portpicker.pick_unused_port()
+    return [launch(workdir, data_dir, f'--coordinator_address=localhost:{port}',
+                   '--num_processes=2', f'--process_id={i}', wait=False,
+                   log=str(tmp_path / f'{tag}{i}.log')) for i in range(2)]
+
+  workdir = tmp_path / 'two'
+  procs = start('first')
+  deadline = time.time() + 600
+  while time.time() < deadline:
+    rows = (workdir / 'metrics.jsonl').read_text() if (workdir / 'metrics.jsonl').exists() else ''
+    if '"step": 8,' in rows:
+      break
+    assert all(p.poll() is None for p in procs), open(procs[0].log).read()[-3000:]
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)  # process 1 only
+  for p in procs:
+    p.wait(timeout=300)
+  outs = [open(p.log).read() for p in procs]
+  assert [p.returncode for p in procs] == [143, 143], outs[0][-3000:] + outs[1][-3000:]
+  stopped_at = int(re.search(r'stopped by SIGTERM at step (\d+)', outs[0]).group(1))
+  assert 8 <= stopped_at < 25
+  assert max(checkpointing.checkpoint_steps(str(workdir))) == stopped_at
+  procs = start('second')
+  for p in procs:
+    p.wait(timeout=900)
+  outs = [open(p.log).read() for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  assert 'done: step 50' in outs[0]
+  assert sorted(train_losses(workdir)) == list(range(1, 51))  # each step once
+
+
 def test_eval_command_on_the_trained_run(baseline, data_dir, tmp_path):
   """`python -m rsicrc_jax.eval --workdir RUN` end to end: metrics, table, captions, figures."""
   out_dir = tmp_path / 'eval'
