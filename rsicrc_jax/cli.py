@@ -47,9 +47,10 @@ def quiet_third_party_logs() -> None:
 
 
 # Warnings that say nothing to a user: TFDS announcing the builder config our pipeline passes it
-# and probing a dataset folder before building it, Orbax looking for a step-level metadata file
-# inside a model dir's state/ folder.
-_NOISE = ('Using custom data configuration', 'Variant folder', 'Metadata file does not exist')
+# and probing a dataset folder before building it; Orbax looking for a step-level metadata file
+# inside a model dir's state/ folder, and noting a one-second wait for its previous save.
+_NOISE = ('Using custom data configuration', 'Variant folder', 'Metadata file does not exist',
+          'Waiting for previous save to complete')
 
 
 class _DropNoise(std_logging.Filter):

@@ -401,14 +401,17 @@ def test_sigterm_saves_the_current_step_and_the_rerun_matches(baseline, data_dir
   """SIGTERM (a preemption) mid-epoch: the run saves a checkpoint at the step in flight, says
   how to resume and exits 143; the rerun's metrics and history equal the uninterrupted run's."""
   workdir = tmp_path / 'preempted'
-  proc = launch(workdir, data_dir, wait=False)
-  deadline = time.time() + 600
+  # Saves every 0.3 s of wall clock as well: how often a run saves changes nothing it computes.
+  proc = launch(workdir, data_dir, '--config.checkpoint.every_minutes=0.005', wait=False)
+  deadline, seen = time.time() + 600, set()
   while time.time() < deadline:
     rows = (workdir / 'metrics.jsonl').read_text() if (workdir / 'metrics.jsonl').exists() else ''
+    seen.update(checkpointing.checkpoint_steps(str(workdir)))
     if '"step": 8,' in rows:  # mid-epoch 1, between the every-5-steps checkpoints
       break
     assert proc.poll() is None, open(proc.log).read()[-3000:]
     time.sleep(0.05)
+  assert seen - {5, 10}, seen  # time-based saves between the every-5-steps ones
   proc.send_signal(signal.SIGTERM)
   proc.wait(timeout=300)
   out = open(proc.log).read()
@@ -420,7 +423,7 @@ def test_sigterm_saves_the_current_step_and_the_rerun_matches(baseline, data_dir
   assert 8 <= stopped_at < 25 and 'Traceback' not in out
   assert max(checkpointing.checkpoint_steps(str(workdir))) == stopped_at
   assert max(train_losses(workdir)) == stopped_at
-  out = launch(workdir, data_dir)
+  out = launch(workdir, data_dir, '--config.checkpoint.every_minutes=0.005')
   assert 'done: step 50' in out
   assert_same_metric_rows(workdir, baseline)
   np.testing.assert_allclose(
