@@ -169,7 +169,7 @@ class Checkpoints:
       except TrainingError:
         raise
       except Exception as err:  # pylint: disable=broad-except  # Orbax/TensorStore raise bare ones
-        reason = f'{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ""}'
+        reason = model_io.read_error_summary(err)
         logging.warning('checkpoint %s/%d is damaged and will not be used (%s)', self.directory,
                         step, reason)
         damaged.append((step, reason))

@@ -59,6 +59,24 @@ class _DropNoise(std_logging.Filter):
     return not str(record.msg).startswith(_NOISE)
 
 
+def ignore_closed_event_loop_errors() -> None:
+  """After a failed Orbax restore (a damaged checkpoint), TensorStore reads still in flight
+  finish on their own threads and try to wake Orbax's event loop, which is closed by then, and
+  the sibling reads' coroutines are dropped with their own read errors. Each prints a traceback
+  through sys.unraisablehook (thousands for one damaged file). The failure itself is reported
+  in one line, so these go."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    text = str(unraisable.exc_value)
+    if ((isinstance(unraisable.exc_value, RuntimeError) and text == 'Event loop is closed')
+        or text.startswith('Encountered error while reading array index')):
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+
+
 def _flag_error(argv: Sequence[str], err: Exception) -> str:
   """One line for a flag that failed to parse: the argument at fault and why."""
   if isinstance(err, (AttributeError, KeyError)):
@@ -103,6 +121,7 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
   """absl's app.run with the behaviour above. Verbosity defaults to warnings; pass
   --verbosity=0 (or 1) for INFO (or DEBUG) logs."""
   quiet_third_party_logs()
+  ignore_closed_event_loop_errors()
   argv = list(sys.argv if argv is None else argv)
   if not any(a.startswith(('--verbosity', '-v=', '--v=')) for a in argv[1:]):
     argv.insert(1, '--verbosity=-1')

@@ -25,13 +25,19 @@ from rsicrc_jax.models import RSICRC, model_skeleton
 _STATE_FILTER = nnx.Any(nnx.Param, nnx.BatchStat)
 
 
+def read_error_summary(err: Exception) -> str:
+  """One short line for an Orbax/TensorStore read failure (their messages run to pages)."""
+  text = str(err).split('See full TensorStore details')[0].strip()
+  text = text.splitlines()[0] if text else ''
+  return f'{type(err).__name__}: {text[:200]}'
+
+
 class DamagedCheckpointError(ValueError):
   """Saved weights that cannot be read back: truncated, missing or corrupt files."""
 
   def __init__(self, path: str, err: Exception):
-    first = str(err).splitlines()[0][:200] if str(err) else ''
     super().__init__(f'{path}: the saved weights cannot be read; the files are damaged or '
-                     f'incomplete ({type(err).__name__}: {first})')
+                     f'incomplete ({read_error_summary(err)})')
 
 
 @contextlib.contextmanager

@@ -455,8 +455,9 @@ def test_eval_refuses_a_damaged_model_dir_in_one_line(baseline, data_dir, tmp_pa
   out = subprocess.run([sys.executable, '-m', 'rsicrc_jax.eval', f'--config={TINY}',
                         f'--config.data.data_dir={data_dir}', f'--checkpoint={best}'],
                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-  assert out.returncode == 1
-  assert 'the saved weights cannot be read; the files are damaged or incomplete' in out.stderr
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert ('the saved weights cannot be read; the files are damaged or incomplete'
+          in out.stderr), out.stderr[-3000:]
   assert 'Traceback' not in out.stderr and len(out.stderr.strip().splitlines()) <= 3, out.stderr
 
 
