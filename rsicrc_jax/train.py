@@ -216,7 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   data_iter = pipeline.iterate(train_batches, num_threads=config.data.num_threads,
                                prefetch=config.data.prefetch)
   progress = {'best': {'metric': config.best_metric, 'value': None, 'step': None},
-              'history': [], 'epoch_loss': [0.0, 0]}
+              'history': []}
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           state, shardings)
   if (restored := ckpt.restore_latest(abstract)) is not None:
@@ -236,6 +236,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     progress['epoch_loss'] = list(epoch_loss)
     ckpt.save(step, state, data_iter.get_state(), progress)
     saved_at = time.monotonic()
+
+  def stopped() -> preemption.Preempted:  # after a save at `step`
+    return preemption.Preempted(step, signals.received or signal.SIGTERM, ckpt.directory)
 
   def run_evals(epoch: int, epoch_end: bool) -> dict[str, float]:
     """The evaluators due now; saves best/ when config.best_metric improved."""
@@ -305,14 +308,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
             save((train_sum, count))
           if stop:
             bar.close()
-            raise preemption.Preempted(step, signals.received or signal.SIGTERM, ckpt.directory)
+            raise stopped()
         bar.close()
         results = run_evals(epoch, epoch_end=True)
         progress['history'].append({'epoch': epoch, 'step': step,
                                     'train/loss': train_sum / max(count, 1), **results})
         save((0.0, 0))
         if preemption.agree(signals.received is not None)[0] and step < plan.num_steps:
-          raise preemption.Preempted(step, signals.received or signal.SIGTERM, ckpt.directory)
+          raise stopped()
   finally:
     writer.close()
     ckpt.close()
