@@ -40,11 +40,11 @@ TYPES = ('loss', 'retrieval', 'caption')
 
 
 # ----------------------------------------------------------------------------------------------
-# Embedding and decoding a split (eval mode, one process).
+# Embedding and decoding a split (eval mode), data parallel over this process's devices.
 
 @functools.partial(jax.jit, static_argnames='graphdef')
-def _embed(graphdef, state, image_a, image_b, tokens):
-  """(uint8 images a, b, tokens) -> visual_emb, text_emb (eval mode)."""
+def embed_pairs(graphdef, state, image_a, image_b, tokens):
+  """(uint8 images a, b (B, H, W, 3), tokens (B, L)) -> visual_emb, text_emb (B, C), eval mode."""
   m = nnx.merge(graphdef, state)
   a, b = pipeline.normalize_images(image_a), pipeline.normalize_images(image_b)
   visual_emb, _ = m.encode_images(a, b)
@@ -58,14 +58,22 @@ def _embed_text(graphdef, state, tokens):
 
 def run_model(model, dataset: pipeline.Dataset, split: str, config, *, batch_size: int,
               decode: bool = True, beam_size: int = 1, length_penalty: float = 0.0,
-              max_pairs: int = 0, progress: bool = True) -> dict[str, Any]:
-  """Embeds (and with `decode`, captions) every pair of a split, in one process.
-  Returns numpy arrays and lists, one entry per pair."""
+              max_pairs: int = 0, progress: bool = True, mesh=None) -> dict[str, Any]:
+  """Embeds (and with `decode`, captions) every pair of a split. The model is replicated over
+  `mesh` (default: this process's devices, `sharding.local_mesh`) and each batch split over it;
+  every process runs the whole split. A batch size that the device count does not divide is
+  rounded up. Returns numpy arrays and lists, one entry per pair."""
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  mesh = mesh or sharding.local_mesh()
+  batch_size = -(-batch_size // mesh.size) * mesh.size
   batches, plan = pipeline.make_batches(
       dataset, split, global_batch=batch_size, max_len=config.model.max_len,
       image_size=config.model.image_size, train=False, with_references=True)
-  graphdef, params = nnx.split(model)  # jit caches on graphdef: one compile per model shape
+  # jit caches on graphdef: one compile per model shape.
+  graphdef, params = nnx.split(model)
+  params = jax.device_put(params, sharding.replicated(mesh))
+  model = nnx.merge(graphdef, params)
+  to_device = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))
   words = cap.id_to_word(dataset.vocab)
   out = {k: [] for k in ('visual', 'text', 'flag', 'caption_id', 'caption_emb', 'pair',
                          'filename', 'hypothesis', 'references', 'all_text', 'all_caption_ids',
@@ -78,10 +86,10 @@ def run_model(model, dataset: pipeline.Dataset, split: str, config, *, batch_siz
   for _ in tqdm(range(steps), desc=f'{split}: {what}', disable=not progress, leave=False):
     b = next(it)
     keep = np.flatnonzero(b['valid'])
-    a, bb = jnp.asarray(b['image_a']), jnp.asarray(b['image_b'])
-    visual, text = _embed(graphdef, params, a, bb, jnp.asarray(b['tokens']))
+    a, bb = to_device(b['image_a']), to_device(b['image_b'])
+    visual, text = embed_pairs(graphdef, params, a, bb, to_device(b['tokens']))
     all_tokens = b['all_tokens'].reshape(-1, b['all_tokens'].shape[-1])
-    all_text = np.asarray(_embed_text(graphdef, params, jnp.asarray(all_tokens)))
+    all_text = np.asarray(_embed_text(graphdef, params, to_device(all_tokens)))
     out['all_text'].append(all_text.reshape(len(b['valid']), cap.CAPTIONS_PER_PAIR, -1)[keep])
     out['visual'].append(np.asarray(visual)[keep])
     out['text'].append(np.asarray(text)[keep])
@@ -100,7 +108,8 @@ def run_model(model, dataset: pipeline.Dataset, split: str, config, *, batch_siz
       else:
         tokens, _, attn = decoding.greedy_decode_cached(model, na, nb)
         out['attention'].append(np.asarray(attn)[keep])  # for eval's figures
-      out['hypothesis'] += [cap.decode_caption(np.asarray(tokens[i]), words) for i in keep]
+      tokens = np.asarray(tokens)
+      out['hypothesis'] += [cap.decode_caption(tokens[i], words) for i in keep]
   run = {k: (np.concatenate(v) if v and k not in ('filename', 'hypothesis', 'references')
              else v) for k, v in out.items()}
   if max_pairs:

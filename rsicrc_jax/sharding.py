@@ -27,6 +27,15 @@ def make_mesh(config) -> Mesh:
   return Mesh(np.asarray(devices[:n]), ('data',))
 
 
+def local_mesh() -> Mesh:
+  """This process's devices on a 'data' axis: for work each process does whole (evaluation)."""
+  return Mesh(np.asarray(jax.local_devices()), ('data',))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
 def param_spec(shape: tuple[int, ...], mesh: Mesh, fsdp: bool) -> P:
   """Replicated, or (FSDP) split over 'data' along the largest axis it divides evenly."""
   n = mesh.shape['data']

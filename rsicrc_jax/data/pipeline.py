@@ -20,7 +20,6 @@ import math
 import os
 from typing import Any, Mapping
 
-import grain
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
@@ -31,6 +30,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 DATASETS = ('levir_cc', 'synthetic_cc')
+
+# grain is imported inside the two functions that build and iterate batches, not here: the train
+# step and decoding import this module (normalize_images) and must also run where grain is not
+# installed (benchmarks/accelerator.py on a bare accelerator machine).
 
 
 def _builders():
@@ -243,6 +246,7 @@ def make_batches(dataset: Dataset, split: str, *, global_batch: int, max_len: in
   steps = n // global_batch if train else math.ceil(n / global_batch)
   if steps == 0:
     raise cap.DataError(f'split "{split}" has {n} items, fewer than one batch of {global_batch}')
+  import grain  # pylint: disable=import-outside-toplevel
   plan = Plan(n, global_batch, steps, num_epochs)
   local = global_batch // process_count
   order = grain.MapDataset.range(n)
@@ -266,6 +270,7 @@ def make_batches(dataset: Dataset, split: str, *, global_batch: int, max_len: in
 
 def iterate(ds: grain.MapDataset, *, num_threads: int = 4, prefetch: int = 8):
   """A checkpointable iterator (`get_state` / `set_state`) with threaded prefetch."""
+  import grain  # pylint: disable=import-outside-toplevel
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                    prefetch_buffer_size=prefetch)))
 

@@ -1,0 +1,72 @@
+"""Eval's embedding and decoding (`evaluators.run_model`) on a 1-device mesh and on all 8
+(simulated) devices, same model, same split: prints the largest differences as JSON.
+
+Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_evaluators_sharded.py).
+Usage: python tests/workers/sharded_eval.py DATA_DIR
+"""
+
+import json
+import pathlib
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+jax.config.update('jax_default_matmul_precision', 'highest')
+
+TESTS = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(TESTS), str(TESTS / 'configs')]
+import tiny  # noqa: E402  (tests/configs/tiny.py)
+from data_helpers import tiny_synthetic_cfg  # noqa: E402
+from rsicrc_jax import evaluators  # noqa: E402
+from rsicrc_jax.data import pipeline  # noqa: E402
+from rsicrc_jax.models import RSICRC  # noqa: E402
+
+
+def main(data_dir):
+  config = tiny.get_config()
+  config.data.update(tiny_synthetic_cfg(data_dir, num_train=8, num_val=2, num_test=13))
+  dataset = pipeline.open_dataset(config.data, build_if_missing=True)
+  config.model.vocab_size = len(dataset.vocab)
+  model = RSICRC(config.model, rngs=nnx.Rngs(0))
+  model.eval()
+  devices = jax.devices()
+  # Record how many devices each embedding batch was split over.
+  seen, embed = [], evaluators.embed_pairs
+
+  def spy(graphdef, state, image_a, *args):
+    seen.append(len(image_a.sharding.device_set))
+    return embed(graphdef, state, image_a, *args)
+
+  evaluators.embed_pairs = spy
+  one, eight = Mesh(np.asarray(devices[:1]), ('data',)), Mesh(np.asarray(devices), ('data',))
+  out = {'devices': len(devices)}
+  for beam in (1, 2):
+    # 13 pairs: batches of 5 on one device; 5 rounds up to 8 on eight devices, so the padding
+    # and the batch boundaries differ too.
+    runs = []
+    for mesh in (one, eight):
+      seen.clear()
+      runs.append(evaluators.run_model(model, dataset, 'test', config, batch_size=5,
+                                       beam_size=beam, progress=False, mesh=mesh))
+      runs[-1]['split_over'] = sorted(set(seen))
+    r1, r8 = runs
+    out[f'beam{beam}'] = {
+        'split_over': [r1['split_over'], r8['split_over']],
+        'pairs': [len(r1['filename']), len(r8['filename'])],
+        'same_order': r1['filename'] == r8['filename'],
+        'same_captions': r1['hypothesis'] == r8['hypothesis'],
+        'captions': r1['hypothesis'][:3],
+        **{f'max_diff_{k}': float(np.abs(r1[k] - r8[k]).max()) for k in ('visual', 'text',
+                                                                          'all_text')},
+        'scale_visual': float(np.abs(r1['visual']).max()),
+    }
+    if beam == 1:
+      out['beam1']['max_diff_attention'] = float(np.abs(r1['attention'] - r8['attention']).max())
+  print(json.dumps(out))
+
+
+if __name__ == '__main__':
+  main(sys.argv[1])
