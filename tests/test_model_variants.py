@@ -8,7 +8,7 @@ from flax import nnx
 
 from configs import reference_tiny
 from rsicrc_jax import weights
-from rsicrc_jax.models import RSICRC, model_skeleton
+from rsicrc_jax.models import RSICRC, attention, model_skeleton
 
 
 def _inputs():
@@ -69,3 +69,30 @@ def test_bfloat16_compute_tracks_float32():
   cos = lambda x, y: float(jnp.sum(x * y) / (jnp.linalg.norm(x) * jnp.linalg.norm(y)))
   assert cos(low.visual_emb.astype(jnp.float32).ravel(), full.visual_emb.ravel()) > 0.99
   assert cos(low.logits.astype(jnp.float32).ravel(), full.logits.ravel()) > 0.99
+
+
+def test_fused_attention_equals_the_weights_path():
+  """Without weights and without active dropout (eval mode) attention runs through
+  jax.nn.dot_product_attention; it equals the explicit softmax path, masks included, in float32
+  and (to bfloat16 rounding) in bfloat16. With dropout active the explicit path runs."""
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(2, 5, 4, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, 7, 4, 8)), jnp.float32) for _ in range(2))
+  mask = jnp.asarray(rng.random((2, 1, 5, 7)) < 0.6).at[..., 0].set(True)
+  explicit, weights = attention.dot_product_attention(q, k, v, mask, 0.35)
+  fused, none = attention.dot_product_attention(q, k, v, mask, 0.35, need_weights=False)
+  assert none is None and weights.shape == (2, 4, 5, 7)
+  np.testing.assert_allclose(np.asarray(fused), np.asarray(explicit), rtol=1e-5, atol=1e-6)
+  half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  fused_half, _ = attention.dot_product_attention(*half, mask, 0.35, need_weights=False)
+  assert fused_half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(fused_half, np.float32), np.asarray(explicit), atol=0.05)
+
+  dropout = nnx.Dropout(0.5, rngs=nnx.Rngs(0))
+  dropped, kept_weights = attention.dot_product_attention(q, k, v, mask, 0.35, dropout,
+                                                          need_weights=False)
+  assert kept_weights is not None and not np.allclose(np.asarray(dropped), np.asarray(explicit))
+  dropout.deterministic = True
+  out, none = attention.dot_product_attention(q, k, v, mask, 0.35, dropout, need_weights=False)
+  assert none is None
+  np.testing.assert_allclose(np.asarray(out), np.asarray(explicit), rtol=1e-5, atol=1e-6)

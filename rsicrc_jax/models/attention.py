@@ -17,14 +17,36 @@ from einops import rearrange
 from flax import nnx
 
 
+def _dropout_active(dropout: nnx.Dropout | None) -> bool:
+  return dropout is not None and not dropout.deterministic and dropout.rate > 0
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                    scale: float) -> jax.Array:
+  """`jax.nn.dot_product_attention`: cuDNN's fused kernel on a GPU when it takes the shapes and
+  the dtype (bfloat16/float16), XLA's implementation otherwise; logits and softmax in float32
+  either way. Same shapes as `dot_product_attention`; no weights, no dropout."""
+  if jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16):
+    try:
+      return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation='cudnn')
+    except (NotImplementedError, ValueError, RuntimeError):  # shape, version: not for cuDNN
+      pass
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation='xla')
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-                          scale: float, dropout: nnx.Dropout | None = None):
+                          scale: float, dropout: nnx.Dropout | None = None, *,
+                          need_weights: bool = True):
   """Softmax attention.
 
   q: (B, Lq, H, Dh); k, v: (B, Lk, H, Dh); mask: broadcastable to (B, H, Lq, Lk), True where
   attention is allowed. Returns out (B, Lq, H, Dh) and the attention weights (B, H, Lq, Lk)
-  (after masking, before dropout, as PyTorch reports them).
+  (after masking, before dropout, as PyTorch reports them). When the weights are not needed and
+  no dropout applies to them (eval mode), the fused kernel runs and the weights are None; the
+  reference drops attention probabilities in training, which the fused kernels cannot do.
   """
+  if not need_weights and not _dropout_active(dropout):
+    return fused_attention(q, k, v, mask, scale), None
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * scale
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
@@ -65,7 +87,8 @@ class SpatialAttention(nnx.Module):
     split = lambda t: rearrange(t, 'b n (h d) -> b n h d', h=self.num_heads)
     q, k = split(self.to_q(x)), split(self.to_k(x))
     v = k if self.to_v is None else split(self.to_v(x))
-    out, _ = dot_product_attention(q, k, v, None, self.scale, self.attn_dropout)
+    out, _ = dot_product_attention(q, k, v, None, self.scale, self.attn_dropout,
+                                   need_weights=False)
     return self.out_dropout(self.to_out(rearrange(out, 'b n h d -> b n (h d)')))
 
 
@@ -97,14 +120,19 @@ class MultiheadAttention(nnx.Module):
     """(B, Lk, dim) -> keys, values (B, Lk, H, Dh): what a decoding cache stores."""
     return self._split(self.key(memory)), self._split(self.value(memory))
 
-  def attend(self, query: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None):
+  def attend(self, query: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+             *, need_weights: bool = True):
     """Attend from (B, Lq, dim) queries to projected keys/values.
 
-    Returns the output (B, Lq, dim) and head-averaged weights (B, Lq, Lk).
+    Returns the output (B, Lq, dim) and head-averaged weights (B, Lq, Lk), or None for them
+    with need_weights=False (which lets eval mode run the fused kernel).
     """
     q = self._split(self.query(query))
-    out, weights = dot_product_attention(q, k, v, mask, self.scale, self.dropout)
-    return self.out(rearrange(out, 'b n h d -> b n (h d)')), weights.mean(axis=1)
+    out, weights = dot_product_attention(q, k, v, mask, self.scale, self.dropout,
+                                         need_weights=need_weights)
+    out = self.out(rearrange(out, 'b n h d -> b n (h d)'))
+    return out, None if weights is None else weights.mean(axis=1)
 
-  def __call__(self, query: jax.Array, memory: jax.Array, mask: jax.Array | None = None):
-    return self.attend(query, *self.project_kv(memory), mask)
+  def __call__(self, query: jax.Array, memory: jax.Array, mask: jax.Array | None = None, *,
+               need_weights: bool = True):
+    return self.attend(query, *self.project_kv(memory), mask, need_weights=need_weights)

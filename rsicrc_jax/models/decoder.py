@@ -63,13 +63,15 @@ class DecoderLayer(nnx.Module):
     weights = None
     if self.prenorm:
       h = self.sa_norm(x)
-      x = x + self.sa_dropout(self.self_attn.attend(h, *self_kv, self_mask)[0])
+      x = x + self.sa_dropout(self.self_attn.attend(h, *self_kv, self_mask,
+                                                    need_weights=False)[0])
       if self.cross_attn is not None:
         att, weights = self.cross_attn.attend(self.mha_norm(x), *cross_kv)
         x = x + self.mha_dropout(att)
       return x + self._ff(self.ff_norm(x)), weights
 
-    x = self.sa_norm(x + self.sa_dropout(self.self_attn.attend(x, *self_kv, self_mask)[0]))
+    x = self.sa_norm(x + self.sa_dropout(self.self_attn.attend(x, *self_kv, self_mask,
+                                                              need_weights=False)[0]))
     if self.cross_attn is not None:
       att, weights = self.cross_attn.attend(x, *cross_kv)
       x = self.mha_norm(x + self.mha_dropout(att))

@@ -171,6 +171,6 @@ class ChangeEncoder(nnx.Module):
     visual_tokens = x.reshape(b, gh * gw, c)
 
     query = jnp.broadcast_to(self.img_queries[...].astype(x.dtype)[None], (b, 1, c))
-    pooled, _ = self.att_pool(query, visual_tokens)
+    pooled, _ = self.att_pool(query, visual_tokens, need_weights=False)
     visual_emb = self.att_pool_norm(pooled[:, 0])
     return visual_emb, visual_tokens
