@@ -1,0 +1,222 @@
+"""What the benchmarks measure, as functions: the train step, captioning, eval embedding and a
+matmul peak. `train_step.py`, `decoding.py` and `accelerator.py` are command lines over these, so
+a number in the README and one from the accelerator check come from the same code.
+
+Nothing here imports TensorFlow, TFDS, grain or pycocoevalcap: the accelerator machines lack
+them. Inputs are random (weights, pictures, captions) at the config's shapes; speed does not
+depend on the values except through decoding's stopping, which random weights never reach (every
+caption runs to max_len, the worst case).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rsicrc_jax import decoding
+from rsicrc_jax import evaluators
+from rsicrc_jax import optim
+from rsicrc_jax import sharding
+from rsicrc_jax import train
+from rsicrc_jax import train_state
+from rsicrc_jax.data import captions as cap
+from rsicrc_jax.data import pipeline
+from rsicrc_jax.models.rsicrc import RSICRC
+
+SYNTHETIC_VOCAB = 78  # the synthetic dataset's vocabulary: for configs that take it from the data
+
+# Dense peak TFLOP/s per device (vendor data sheets, SXM parts, no sparsity), by compute dtype.
+# float32 matmuls run as TF32 on these GPUs under JAX's default precision.
+NOMINAL_PEAK_TFLOPS = {
+    'H100': {'bfloat16': 989.4, 'float32': 494.7},
+    'H200': {'bfloat16': 989.4, 'float32': 494.7},
+    'A100': {'bfloat16': 312.0, 'float32': 156.0},
+}
+
+
+def nominal_peak_tflops(device_kind: str, dtype: str) -> float | None:
+  for name, peaks in NOMINAL_PEAK_TFLOPS.items():
+    if name in device_kind:
+      return peaks.get(dtype)
+  return None
+
+
+def _sync(x):
+  jax.block_until_ready(x)
+  return x
+
+
+def matmul_peak(n: int, dtype: str = 'float32', repeats: int = 10) -> float:
+  """TFLOP/s of an n x n x n matmul chain on the default device: the practical peak that the
+  step's achieved FLOP/s is compared against, measured in the same run."""
+  dt = jnp.dtype(dtype)
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dt)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dt) / np.sqrt(n)
+
+  @jax.jit
+  def chain(x):
+    for _ in range(repeats):
+      x = x @ b
+    return x
+
+  _sync(chain(a))
+  best = float('inf')
+  for _ in range(3):
+    t = time.perf_counter()
+    _sync(chain(a))
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 * repeats / best / 1e12
+
+
+def random_train_batch(config, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A host batch of the pipeline's training shapes: uint8 pictures, [START] w.. [END] PAD..
+  captions of 8 words, half the pairs unchanged (flag -1)."""
+  s, length, vocab = config.model.image_size, config.model.max_len, config.model.vocab_size
+  rs = np.random.default_rng(seed)
+  words = min(8, length - 2)
+  tokens = np.full((batch, length), cap.PAD, np.int32)
+  tokens[:, 0], tokens[:, words + 1] = cap.START, cap.END
+  tokens[:, 1:words + 1] = rs.integers(4, vocab, (batch, words))
+  return {'image_a': rs.integers(0, 256, (batch, s, s, 3), dtype=np.uint8),
+          'image_b': rs.integers(0, 256, (batch, s, s, 3), dtype=np.uint8), 'tokens': tokens,
+          'flag': np.where(np.arange(batch) % 2 == 0, -1, np.arange(batch)).astype(np.int32),
+          'caption_id': np.arange(batch, dtype=np.int32) % 7}
+
+
+def _memory_bytes(compiled) -> int | None:
+  """Device memory the executable needs (arguments + outputs - donated aliases + temporaries),
+  from XLA's buffer assignment."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend reports it
+    return None
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+             + m.temp_size_in_bytes)
+
+
+def compiled_step(config, batch: int):
+  """(compiled train step, device state, device batch, compile seconds) for `config` at `batch`
+  pairs: the step launch.py runs (jit over the mesh, AdamW, BN updates, dropout)."""
+  config = config.copy_and_resolve_references()
+  config.batch_size = batch
+  if not config.model.vocab_size:
+    config.model.vocab_size = SYNTHETIC_VOCAB
+  opt = optim.make_optimizer(config, total_steps=1000)
+  graphdef, state = train_state.init_state(config, opt)
+  mesh = sharding.make_mesh(config)
+  sh = sharding.state_sharding(state, mesh, config.sharding.fsdp)
+  state = jax.device_put(state, sh)
+  step = jax.jit(train.make_train_step(graphdef, config, opt),
+                 in_shardings=(sh, sharding.batch_sharding(mesh)), out_shardings=(sh, None),
+                 donate_argnums=0)
+  device_batch = sharding.global_batch(random_train_batch(config, batch), mesh)
+  t = time.perf_counter()
+  compiled = step.lower(state, device_batch).compile()
+  return compiled, state, device_batch, time.perf_counter() - t
+
+
+def train_step(config, batch: int, steps: int = 10) -> dict[str, Any]:
+  """Seconds per step, pairs/s, XLA's FLOP count and memory for one train step of `config`."""
+  compiled, state, device_batch, compile_s = compiled_step(config, batch)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get('flops', 0.0)) if cost else 0.0
+  state, aux = compiled(state, device_batch)  # first run: allocation, autotuning leftovers
+  _sync(aux)
+  t = time.perf_counter()
+  for _ in range(steps):
+    state, aux = compiled(state, device_batch)
+  _sync(aux)
+  dt = (time.perf_counter() - t) / steps
+  loss = float(aux['loss'])
+  if not np.isfinite(loss):
+    raise FloatingPointError(f'non-finite loss {loss} at batch {batch}')
+  n_params = sum(x.size for x in jax.tree.leaves((state.params, state.frozen)))
+  return {'batch': batch, 'dtype': config.model.dtype or 'float32',
+          'fsdp': bool(config.sharding.fsdp), 'devices': len(jax.devices()),
+          'params_m': n_params / 1e6, 'compile_s': compile_s, 'step_ms': dt * 1e3,
+          'pairs_per_s': batch / dt, 'gflop_per_step': flops / 1e9,
+          'tflops_achieved': flops / dt / 1e12, 'memory_gb': _gb(_memory_bytes(compiled)),
+          'loss': loss}
+
+
+def _gb(n):
+  return None if n is None else n / 2**30
+
+
+def random_model(model_cfg, dtype: str = '') -> RSICRC:
+  cfg = model_cfg.copy_and_resolve_references()
+  if not cfg.vocab_size:
+    cfg.vocab_size = SYNTHETIC_VOCAB
+  cfg.dtype = dtype
+  model = RSICRC(cfg, rngs=nnx.Rngs(0))
+  model.eval()
+  return model
+
+
+def _random_pairs(n: int, size: int, seed: int = 0):
+  rs = np.random.default_rng(seed)
+  return (rs.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+          rs.integers(0, 256, (n, size, size, 3), dtype=np.uint8))
+
+
+def _batches(n: int, batch: int):
+  """Index ranges covering n items in batches of `batch`; the last one is padded (repeating
+  item 0) so one compiled shape serves all, as eval's pipeline does."""
+  for i in range(0, n, batch):
+    idx = np.arange(i, i + batch)
+    yield np.where(idx < n, idx, 0)
+
+
+def captioning(model_cfg, pairs: int, batch: int, dtype: str = '') -> dict[str, Any]:
+  """KV-cached greedy captioning of `pairs` pairs (uint8 in, normalised on device), captions/s.
+  The first batch is a warm-up (compile) and is not timed."""
+  model = random_model(model_cfg, dtype)
+  a, b = _random_pairs(pairs, model_cfg.image_size)
+
+  def run(idx):
+    na = pipeline.normalize_images(jnp.asarray(a[idx]))  # as eval does: the model casts
+    nb = pipeline.normalize_images(jnp.asarray(b[idx]))
+    return np.asarray(decoding.greedy_decode_cached(model, na, nb)[0])
+
+  t = time.perf_counter()
+  run(next(_batches(pairs, batch)))
+  compile_s = time.perf_counter() - t
+  t = time.perf_counter()
+  tokens = np.concatenate([run(idx) for idx in _batches(pairs, batch)])[:pairs]
+  dt = time.perf_counter() - t
+  steps = int((tokens[:, 1:] != cap.PAD).sum(1).mean())
+  return {'pairs': pairs, 'batch': batch, 'dtype': dtype or 'float32', 'compile_s': compile_s,
+          'seconds': dt, 'captions_per_s': pairs / dt, 'mean_tokens': steps}
+
+
+def embedding(model_cfg, pairs: int, batch: int, dtype: str = '') -> dict[str, Any]:
+  """Eval's embedding of `pairs` pairs and their captions (evaluators' jitted function): pairs/s."""
+  model = random_model(model_cfg, dtype)
+  a, b = _random_pairs(pairs, model_cfg.image_size)
+  cfg = model.decoder
+  tokens = np.full((pairs, cfg.max_len), cap.PAD, np.int32)
+  tokens[:, 0], tokens[:, 1:9], tokens[:, 9] = cap.START, 5, cap.END
+  graphdef, state = nnx.split(model)
+
+  def run(idx):
+    v, t = evaluators.embed_pairs(graphdef, state, jnp.asarray(a[idx]), jnp.asarray(b[idx]),
+                                  jnp.asarray(tokens[idx]))
+    return np.asarray(v), np.asarray(t)
+
+  t = time.perf_counter()
+  run(next(_batches(pairs, batch)))
+  compile_s = time.perf_counter() - t
+  t = time.perf_counter()
+  for idx in _batches(pairs, batch):
+    run(idx)
+  dt = time.perf_counter() - t
+  return {'pairs': pairs, 'batch': batch, 'dtype': dtype or 'float32', 'compile_s': compile_s,
+          'seconds': dt, 'pairs_per_s': pairs / dt}
