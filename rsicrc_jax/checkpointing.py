@@ -29,6 +29,7 @@ class TrainingError(RuntimeError):
 RESUME_IGNORES = (
     'checkpoint', 'log_every_steps', 'final_eval', 'evals', 'eval', 'eval_batch_size',
     'sharding', 'init', 'data.num_threads', 'data.prefetch', 'data.data_dir',
+    'model.remat',  # memory policy: the same numbers
 )
 
 

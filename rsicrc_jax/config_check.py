@@ -70,6 +70,8 @@ RULES = (
     ('model.dropout', lambda v: _is_real(v) and 0 <= v < 1, 'a number in [0, 1)'),
     ('model.dtype', lambda v: v in ('', 'float32', 'bfloat16'),
      "'' (float32), 'float32' or 'bfloat16'"),
+    ('model.remat', lambda v: v in ('', 'none', 'backbone', 'encoder', 'all'),
+     "'' (off), 'backbone', 'encoder' or 'all'"),
     ('loss.lamb', _nonneg, 'a number >= 0'),
     ('loss.temperature', _positive, 'a positive number'),
     ('loss.top_k', lambda v: _is_int(v) and (v == -1 or v > 0), '-1 (all) or a positive integer'),

@@ -167,14 +167,13 @@ def _tiny_config():
   return module.get_config()
 
 
-def test_one_jitted_step_moves_trainable_parameters_only():
-  """The tiny config's train step, in process: finite losses; every trainable tensor changes;
-  the frozen stem and layer1 do not; BatchNorm statistics (frozen layers' too) update."""
+def _one_tiny_step(**model_overrides):
+  """(state before, state after, aux) of one jitted train step of the tiny config."""
   import jax
-  import jax.numpy as jnp
   from rsicrc_jax import sharding
   c = _tiny_config()
   c.model.vocab_size = 40
+  c.model.update(model_overrides)
   c.warmup_fraction = 0.0  # the reference's warmup makes the first update lr 0
   opt = optim.make_optimizer(c, total_steps=10)
   graphdef, state = train_state.init_state(c, opt)
@@ -190,6 +189,16 @@ def test_one_jitted_step_moves_trainable_parameters_only():
       'flag': np.where(np.arange(n) % 3 == 0, -1, np.arange(n)).astype(np.int32),
       'caption_id': np.arange(n, dtype=np.int32)}, mesh)
   new, aux = step(state, batch)
+  return state, new, aux
+
+
+def test_one_jitted_step_moves_trainable_parameters_only():
+  """The tiny config's train step, in process: finite losses; every trainable tensor changes;
+  the frozen stem and layer1 do not; BatchNorm statistics (frozen layers' too) update."""
+  import jax
+  import jax.numpy as jnp
+  state, new, aux = _one_tiny_step()
+  n = _tiny_config().batch_size
   assert all(np.isfinite(float(v)) for v in aux.values()), aux
   assert int(aux['positive_pairs']) >= n and int(new.step) == 1
   leaves = lambda t: jax.tree_util.tree_flatten_with_path(t)[0]
@@ -206,6 +215,21 @@ def test_one_jitted_step_moves_trainable_parameters_only():
            zip(leaves(state.batch_stats), leaves(new.batch_stats))}
   assert stats['encoder/backbone/bn1/mean']  # a frozen BatchNorm still updates in train mode
   assert jnp.asarray(aux['grad_norm']) > 0
+
+
+def test_remat_recomputes_the_same_step():
+  """config.model.remat='all' (backbone bottlenecks and encoder blocks recomputed in the
+  backward pass): the same losses, updated parameters, BN statistics and dropout RNG state."""
+  import jax
+  _, plain, aux = _one_tiny_step()
+  _, remat, aux_remat = _one_tiny_step(remat='all')
+  for k in aux:
+    np.testing.assert_allclose(float(aux_remat[k]), float(aux[k]), rtol=1e-5, err_msg=k)
+  for part in ('params', 'batch_stats', 'rng'):
+    a, b = jax.tree.leaves(getattr(plain, part)), jax.tree.leaves(getattr(remat, part))
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+      np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6, err_msg=part)
 
 
 def test_best_metric_must_be_produced_by_an_evaluator():

@@ -53,7 +53,7 @@ class ModifiedResNet(nnx.Module):
   """
 
   def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), width: int = 64, *,
-               rngs: nnx.Rngs, dtype=None):
+               rngs: nnx.Rngs, dtype=None, remat: bool = False):
     if len(layers) != 4:
       raise ValueError(f'ModifiedResNet needs 4 stage depths, got layers={list(layers)}')
     self.conv1 = conv3x3(3, width // 2, stride=2, use_bias=False, rngs=rngs, dtype=dtype)
@@ -75,6 +75,7 @@ class ModifiedResNet(nnx.Module):
       stages.append(nnx.List(blocks))
     self.layer1, self.layer2, self.layer3, self.layer4 = stages
     self.out_channels = in_planes
+    self.remat = remat
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """(B, H, W, 3) -> (B, H/32, W/32, out_channels)."""
@@ -82,7 +83,17 @@ class ModifiedResNet(nnx.Module):
     x = jax.nn.relu(self.bn2(self.conv2(x)))
     x = jax.nn.relu(self.bn3(self.conv3(x)))
     x = avg_pool(x, 2)
+    call = _remat_call if self.remat else _call
     for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
       for block in stage:
-        x = block(x)
+        x = call(block, x)
     return x
+
+
+def _call(module, *args):
+  return module(*args)
+
+
+# Rematerialised: the backward pass recomputes the block from its input instead of keeping its
+# activations (BN statistics and dropout RNG updates still leave the block once).
+_remat_call = nnx.remat(_call)

@@ -14,8 +14,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rsicrc_jax.models.attention import MultiheadAttention, SpatialAttention
-from rsicrc_jax.models.backbone import ModifiedResNet
+from rsicrc_jax.models.backbone import ModifiedResNet, _call, _remat_call
 from rsicrc_jax.models.layers import BatchNorm, conv3x3, pointwise_conv
+
+
+# config.model.remat -> the parts whose blocks (backbone bottlenecks, encoder transformer blocks)
+# are recomputed in the backward pass rather than stored: less activation memory, ~1/3 more FLOPs
+# in those parts, the same numbers.
+REMAT_POLICIES = {'': (), 'none': (), 'backbone': ('backbone',), 'encoder': ('encoder',),
+                  'all': ('backbone', 'encoder')}
 
 
 class TransformerBlock(nnx.Module):
@@ -59,7 +66,7 @@ class AttentiveEncoder(nnx.Module):
 
   def __init__(self, channels: int, num_layers: int, num_heads: int, attention_dim: int,
                hidden_dim: int, dropout: float, pos_table_size: int, *,
-               value_from_key: bool = True, rngs: nnx.Rngs, dtype=None):
+               value_from_key: bool = True, rngs: nnx.Rngs, dtype=None, remat: bool = False):
     if channels % 2:
       raise ValueError(f'd_model={channels} must be even (two half-width position tables)')
     init = nnx.initializers.xavier_uniform()
@@ -69,6 +76,7 @@ class AttentiveEncoder(nnx.Module):
         BiTemporalLayer(channels, num_heads, attention_dim, hidden_dim, dropout,
                         value_from_key=value_from_key, rngs=rngs, dtype=dtype)
         for _ in range(num_layers)])
+    self.remat = remat
 
   def position_embedding(self, h: int, w: int) -> jax.Array:
     """(h, w, C). Cell (i, j) gets concat(h_embedding[j], w_embedding[i]): the crossed table
@@ -89,10 +97,11 @@ class AttentiveEncoder(nnx.Module):
     p1 = (feat_before + pos).reshape(b, h * w, c)
     p2 = (feat_after + pos).reshape(b, h * w, c)
     s1, s2 = p1, p2
+    call = _remat_call if self.remat else _call
     for layer in self.layers:
-      s1 = layer.shared(s1) + s1
-      s2 = layer.shared(s2) + s2
-      u = layer.joint(jnp.concatenate([s1, s2], axis=-1))
+      s1 = call(layer.shared, s1) + s1
+      s2 = call(layer.shared, s2) + s2
+      u = call(layer.joint, jnp.concatenate([s1, s2], axis=-1))
       s1 = u[..., :c] + p1
       s2 = u[..., c:] + p2
     to_map = lambda s: s.reshape(b, h, w, c).swapaxes(1, 2)
@@ -134,14 +143,16 @@ class ChangeEncoder(nnx.Module):
 
   def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=None):
     c = cfg.d_model
+    remat = REMAT_POLICIES[cfg.get('remat', '')]
     self.backbone = ModifiedResNet(tuple(cfg.backbone_layers), cfg.backbone_width, rngs=rngs,
-                                   dtype=dtype)
+                                   dtype=dtype, remat='backbone' in remat)
     needs_proj = self.backbone.out_channels != c
     self.proj = nnx.data(pointwise_conv(self.backbone.out_channels, c, use_bias=True, rngs=rngs,
                                         dtype=dtype) if needs_proj else None)
     self.attentive = AttentiveEncoder(
         c, cfg.encoder_layers, cfg.num_heads, cfg.a_dim, cfg.h_dim, cfg.dropout,
-        cfg.pos_table_size, value_from_key=cfg.value_from_key, rngs=rngs, dtype=dtype)
+        cfg.pos_table_size, value_from_key=cfg.value_from_key, rngs=rngs, dtype=dtype,
+        remat='encoder' in remat)
     self.fuse = pointwise_conv(2 * c, c, use_bias=True, rngs=rngs, dtype=dtype)
     self.resblock = ResBlock(c, rngs=rngs, dtype=dtype)
     self.att_pool = MultiheadAttention(c, cfg.num_heads, rngs=rngs, dtype=dtype)
