@@ -14,6 +14,7 @@ measurement, so a run cut short keeps what it measured):
     that fits (predicted from XLA's memory need at 4 and 32, which is affine in the batch), with
     pairs/s, XLA's FLOP count, MFU against the data sheet and against the measured matmul,
     and the step's device memory; FSDP on as well as off when there are several devices;
+  - bfloat16 at batch 32 with config.model.remat='all': its memory and its cost;
   - KV-cached greedy captioning of --pairs pairs (1,929: LEVIR-CC's test split) in captions/s;
   - eval's embedding of the same pairs in pairs/s.
 Measurements run most important first; once --budget_s has passed, the rest are skipped and
@@ -113,12 +114,12 @@ def markdown(d: dict) -> str:
               for r in d['matmul']]
     lines.append('')
   if d['train_step']:
-    lines += ['| train step | batch | FSDP | ms/step | pairs/s | GFLOP/step | TFLOP/s | MFU '
-              '(data sheet) | of measured matmul | memory GiB (XLA) | compile s |',
-              '| --- |' + ' --- |' * 10]
+    lines += ['| train step | batch | FSDP | remat | ms/step | pairs/s | GFLOP/step | TFLOP/s | '
+              'MFU (data sheet) | of measured matmul | memory GiB (XLA) | compile s |',
+              '| --- |' + ' --- |' * 11]
     for r in d['train_step']:
       lines.append(
-          f'| {r["dtype"]} | {r["batch"]} | {"on" if r["fsdp"] else "off"} | '
+          f'| {r["dtype"]} | {r["batch"]} | {"on" if r["fsdp"] else "off"} | {r["remat"]} | '
           f'{_f(r["step_ms"])} | {_f(r["pairs_per_s"])} | {_f(r["gflop_per_step"])} | '
           f'{_f(r["tflops_achieved"], ".3f")} | {_f(r.get("mfu"), ".1%")} | '
           f'{_f(r.get("of_matmul"), ".1%")} | {_f(r["memory_gb"], ".2f")} | '
@@ -247,12 +248,13 @@ def main(argv):
   if _PARITY.value:
     attempt('reference parity', 'parity', lambda: parity(_PLATFORM.value, dry))
 
-  def step(dtype: str, batch: int, fsdp: bool = False):
+  def step(dtype: str, batch: int, fsdp: bool = False, remat: str = ''):
     c = config.copy_and_resolve_references()
     c.model.dtype = '' if dtype == 'float32' else dtype
+    c.model.remat = remat
     c.sharding.fsdp = fsdp
     row = measure.train_step(c, batch, steps=2 if dry else _STEPS.value)
-    row['dtype'] = dtype
+    row['dtype'], row['remat'] = dtype, remat or 'off'
     nominal = measure.nominal_peak_tflops(env['device_kind'], dtype)
     n_dev = env['device_count']
     row['mfu'] = row['tflops_achieved'] / (nominal * n_dev) if nominal else None
@@ -260,8 +262,8 @@ def main(argv):
     row['of_matmul'] = row['tflops_achieved'] / (peak * n_dev) if peak else None
     return row
 
-  # The dry run compiles three steps, not eight (a compile takes ~25 s on a CPU): float32 at
-  # both small batches for the fit, and the largest batch with bfloat16 and FSDP at once.
+  # The dry run compiles three steps, not nine (a compile takes ~25 s on a CPU): float32 at
+  # both small batches for the fit, and the largest batch with bfloat16, FSDP and remat at once.
   plan = ([('float32', large), ('float32', small)] if dry else
           [('bfloat16', large), ('float32', large), ('bfloat16', small), ('float32', small)])
   rows = {}
@@ -297,9 +299,14 @@ def main(argv):
                                  'fixed_gb': fixed, 'limit_gb': limit_gb, 'headroom': headroom})
     if best <= large:
       continue
-    run_dtype, fsdp = ('bfloat16', multi) if dry else (dtype, False)
-    attempt(f'train step {run_dtype} batch {best} (largest{", FSDP" if fsdp else ""})',
-            'train_step', lambda d=run_dtype, n=best, f=fsdp: step(d, n, f))
+    # The dry run's one large step also takes the bfloat16, FSDP and remat code paths.
+    run_dtype, fsdp, remat = ('bfloat16', multi, 'all') if dry else (dtype, False, '')
+    attempt(f'train step {run_dtype} batch {best} (largest{", FSDP" if fsdp else ""}'
+            f'{", remat" if remat else ""})', 'train_step',
+            lambda d=run_dtype, n=best, f=fsdp, r=remat: step(d, n, f, r))
+  if not dry:  # what recomputing the backbone and encoder blocks saves, and what it costs
+    attempt(f'train step bfloat16 batch {large} remat=all', 'train_step',
+            lambda: step('bfloat16', large, remat='all'))
   if multi and not dry:
     attempt(f'train step bfloat16 batch {large} FSDP', 'train_step',
             lambda: step('bfloat16', large, fsdp=True))

@@ -18,6 +18,17 @@ from flax import nnx
 from rsicrc_jax.data import captions as cap
 
 
+def _until_done(step, max_steps: int, carry, done_index: int):
+  """`carry = step(t, carry)` for t = 0, 1, ... until max_steps, or until every caption has
+  ended (carry[done_index] all True): the steps after that would only append PAD."""
+  def cond(tc):
+    t, c = tc
+    return (t < max_steps) & ~jnp.all(c[done_index])
+
+  _, carry = jax.lax.while_loop(cond, lambda tc: (tc[0] + 1, step(tc[0], tc[1])), (0, carry))
+  return carry
+
+
 @functools.partial(jax.jit, static_argnames=('graphdef', 'start_id', 'end_id', 'pad_id',
                                              'max_steps'))
 def _greedy(graphdef, state, img_before, img_after, *, start_id, end_id, pad_id, max_steps):
@@ -35,8 +46,7 @@ def _greedy(graphdef, state, img_before, img_after, *, start_id, end_id, pad_id,
     tokens = jax.lax.dynamic_update_index_in_dim(tokens, next_token, t + 1, 1)
     return tokens, done | (next_token == end_id)
 
-  tokens, done = jax.lax.fori_loop(0, max_steps, step, (tokens, jnp.zeros(batch, bool)))
-  return tokens, done
+  return _until_done(step, max_steps, (tokens, jnp.zeros(batch, bool)), done_index=1)
 
 
 def greedy_decode(model: nnx.Module, img_before: jax.Array, img_after: jax.Array, *,
@@ -146,8 +156,8 @@ def _greedy_cached(graphdef, state, img_before, img_after, *, start_id, end_id, 
     attn = jax.lax.dynamic_update_index_in_dim(attn, w.astype(jnp.float32), t, 1)
     return tokens, done | (next_token == end_id), self_kv, attn
 
-  tokens, done, _, attn = jax.lax.fori_loop(
-      0, max_steps, step, (tokens, jnp.zeros(batch, bool), self_kv, attn))
+  tokens, done, _, attn = _until_done(
+      step, max_steps, (tokens, jnp.zeros(batch, bool), self_kv, attn), done_index=1)
   return tokens, done, attn
 
 
@@ -157,7 +167,8 @@ def greedy_decode_cached(model: nnx.Module, img_before: jax.Array, img_after: ja
   """Greedy captions with a key/value cache; same outputs as `greedy_decode`.
 
   Returns (tokens (B, max_len + 1), finished (B,), cross-attention (B, max_len, S): row t holds
-  the last multimodal layer's head-averaged weights when predicting token t + 1).
+  the last multimodal layer's head-averaged weights when predicting token t + 1; rows after the
+  batch's last END are zeros, since decoding stops there).
   """
   max_steps = model.decoder.max_len if max_steps is None else max_steps
   if not 0 < max_steps <= model.decoder.max_len:
@@ -205,8 +216,9 @@ def _beam(graphdef, state, img_before, img_after, *, beam_size, start_id, end_id
     self_kv = [(kk[flat_parent], vv[flat_parent]) for kk, vv in self_kv]
     return tokens, scores, done, lengths, self_kv
 
-  tokens, scores, done, lengths, _ = jax.lax.fori_loop(
-      0, max_steps, step, (tokens, scores, done, lengths, self_kv))
+  # Once every beam has ended, a step only appends PAD at no cost: stopping changes nothing.
+  tokens, scores, done, lengths, _ = _until_done(
+      step, max_steps, (tokens, scores, done, lengths, self_kv), done_index=2)
   normalized = scores / jnp.maximum(lengths, 1).astype(jnp.float32) ** length_penalty
   best = jnp.argmax(normalized, axis=1)
   pick = lambda x: jnp.take_along_axis(x, best[:, None, *([None] * (x.ndim - 2))], axis=1)[:, 0]

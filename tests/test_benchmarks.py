@@ -45,8 +45,8 @@ def test_accelerator_check_dry_run_without_the_data_stack(tmp_path):
   largest = d['largest_batch'][0]
   # The fit predicts the memory of the batch it picks, within the headroom it allows.
   assert largest['batch'] > 4 and largest['batch'] % 16 == 0
-  assert (steps[2]['batch'], steps[2]['dtype'], steps[2]['fsdp']) == (largest['batch'],
-                                                                      'bfloat16', True)
+  assert (steps[2]['batch'], steps[2]['dtype'], steps[2]['fsdp'], steps[2]['remat']) == (
+      largest['batch'], 'bfloat16', True, 'all')
   assert steps[2]['memory_gb'] <= 0.25
   for r in steps:
     assert r['pairs_per_s'] > 0 and r['gflop_per_step'] > 0 and r['of_matmul'] > 0
@@ -54,4 +54,4 @@ def test_accelerator_check_dry_run_without_the_data_stack(tmp_path):
   assert all(r['pairs'] == 24 and r['captions_per_s'] > 0 for r in d['captioning'])
   assert all(r['pairs_per_s'] > 0 for r in d['embedding'])
   md = (out_dir / 'accelerator.md').read_text()
-  assert '| float32 | 4 | off |' in md and 'Largest float32 batch' in md
+  assert '| float32 | 4 | off | off |' in md and 'Largest float32 batch' in md
