@@ -249,6 +249,9 @@ def _model_state_filter():
   return nnx.Any(nnx.Param, nnx.BatchStat)
 
 
+_PE_ATOL = 1e-5  # float32 sin/cos of the same formula differ by ~1e-7 across libraries
+
+
 def import_rsicrc(model: nnx.Module, state_dict: Mapping[str, Array], *,
                   tie_atol: float = 0.0) -> None:
   """Loads a reference RSICRC `state_dict` into `model` (an `RSICRC`) in place.
@@ -265,9 +268,19 @@ def import_rsicrc(model: nnx.Module, state_dict: Mapping[str, Array], *,
   pe = state_dict.get('decoder.position_encoding.pe')
   if pe is not None and model.decoder.pos_embed is None:
     want = sinusoidal_positions(model.decoder.max_len, pe.shape[-1])[None]
-    if pe.shape != want.shape or not np.allclose(pe, want, atol=1e-5):
+    if pe.shape != want.shape:
       raise CheckpointError(f'decoder.position_encoding.pe: expected the sinusoidal table of shape '
                             f'{want.shape} (max_len={model.decoder.max_len}), found {pe.shape}')
+    diff = np.abs(np.asarray(pe, np.float64) - want)
+    if not diff.max() <= _PE_ATOL:  # also catches NaN
+      row, col = np.unravel_index(np.nanargmax(np.where(np.isnan(diff), np.inf, diff)),
+                                  diff.shape[1:])
+      raise CheckpointError(
+          f'decoder.position_encoding.pe: the shape {pe.shape} is right but the values are not the '
+          f'sinusoidal table: max |difference| {np.nanmax(diff):.3g} (tolerance {_PE_ATOL}) at '
+          f'position {row}, dimension {col}: found {float(pe[0, row, col]):.6g}, expected '
+          f'{float(want[0, row, col]):.6g}; {int((diff > _PE_ATOL).sum())} of {diff.size} '
+          'values differ')
   if cfg_tied and 'decoder.lm_head.weight' in state_dict:
     head, emb = state_dict['decoder.lm_head.weight'], state_dict.get('decoder.tokens_embed.weight')
     if emb is None or head.shape != emb.shape or not np.allclose(head, emb, atol=tie_atol):

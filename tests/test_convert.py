@@ -84,6 +84,24 @@ def test_wrong_config_is_a_shape_mismatch(tmp_path, reference_state):
   assert 'decoder.tokens_embed.weight: expected shape (31, 64), found (30, 64)' in msg
 
 
+def test_position_table_with_other_values_says_what_differs(tmp_path, reference_state):
+  """The reference's `pe` buffer has the right shape but not the sinusoidal values: the error says
+  so, with the largest difference, where it is, and the tolerance (not 'expected shape S, found
+  shape S')."""
+  state = dict(reference_state)
+  pe = np.array(state['decoder.position_encoding.pe'])
+  pe[0, 3, 5] += 0.25
+  pe[0, 7, 1] += 1e-3
+  state['decoder.position_encoding.pe'] = pe
+  msg = _convert_error(tmp_path, state)
+  assert f'the shape {pe.shape} is right but the values are not the sinusoidal table' in msg
+  assert 'max |difference| 0.25 (tolerance 1e-05) at position 3, dimension 5' in msg
+  assert '2 of' in msg and 'values differ' in msg
+  state['decoder.position_encoding.pe'] = pe[:, :5]
+  msg = _convert_error(tmp_path, state)
+  assert 'expected the sinusoidal table of shape' in msg and f'found {pe[:, :5].shape}' in msg
+
+
 def test_untied_head_with_tied_config(tmp_path, reference_state):
   state = dict(reference_state)
   state['decoder.lm_head.weight'] = state['decoder.lm_head.weight'] + 1.0

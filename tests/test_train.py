@@ -192,12 +192,17 @@ def _one_tiny_step(**model_overrides):
   return state, new, aux
 
 
-def test_one_jitted_step_moves_trainable_parameters_only():
+@pytest.fixture(scope='module')
+def one_tiny_step():
+  return _one_tiny_step()
+
+
+def test_one_jitted_step_moves_trainable_parameters_only(one_tiny_step):
   """The tiny config's train step, in process: finite losses; every trainable tensor changes;
   the frozen stem and layer1 do not; BatchNorm statistics (frozen layers' too) update."""
   import jax
   import jax.numpy as jnp
-  state, new, aux = _one_tiny_step()
+  state, new, aux = one_tiny_step
   n = _tiny_config().batch_size
   assert all(np.isfinite(float(v)) for v in aux.values()), aux
   assert int(aux['positive_pairs']) >= n and int(new.step) == 1
@@ -217,11 +222,11 @@ def test_one_jitted_step_moves_trainable_parameters_only():
   assert jnp.asarray(aux['grad_norm']) > 0
 
 
-def test_remat_recomputes_the_same_step():
+def test_remat_recomputes_the_same_step(one_tiny_step):
   """config.model.remat='all' (backbone bottlenecks and encoder blocks recomputed in the
   backward pass): the same losses, updated parameters, BN statistics and dropout RNG state."""
   import jax
-  _, plain, aux = _one_tiny_step()
+  _, plain, aux = one_tiny_step
   _, remat, aux_remat = _one_tiny_step(remat='all')
   for k in aux:
     np.testing.assert_allclose(float(aux_remat[k]), float(aux[k]), rtol=1e-5, err_msg=k)

@@ -13,7 +13,7 @@ from typing import Sequence
 import jax
 from flax import nnx
 
-from rsicrc_jax.models.layers import BatchNorm, avg_pool, conv3x3, pointwise_conv
+from rsicrc_jax.models.layers import BatchNorm, avg_pool, call_block, conv3x3, pointwise_conv
 
 EXPANSION = 4
 
@@ -83,17 +83,7 @@ class ModifiedResNet(nnx.Module):
     x = jax.nn.relu(self.bn2(self.conv2(x)))
     x = jax.nn.relu(self.bn3(self.conv3(x)))
     x = avg_pool(x, 2)
-    call = _remat_call if self.remat else _call
     for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
       for block in stage:
-        x = call(block, x)
+        x = call_block(block, x, self.remat)
     return x
-
-
-def _call(module, *args):
-  return module(*args)
-
-
-# Rematerialised: the backward pass recomputes the block from its input instead of keeping its
-# activations (BN statistics and dropout RNG updates still leave the block once).
-_remat_call = nnx.remat(_call)

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rsicrc_jax.models.attention import MultiheadAttention, SpatialAttention
-from rsicrc_jax.models.backbone import ModifiedResNet, _call, _remat_call
-from rsicrc_jax.models.layers import BatchNorm, conv3x3, pointwise_conv
+from rsicrc_jax.models.backbone import ModifiedResNet
+from rsicrc_jax.models.layers import BatchNorm, call_block, conv3x3, pointwise_conv
 
 
 # config.model.remat -> the parts whose blocks (backbone bottlenecks, encoder transformer blocks)
@@ -97,11 +97,10 @@ class AttentiveEncoder(nnx.Module):
     p1 = (feat_before + pos).reshape(b, h * w, c)
     p2 = (feat_after + pos).reshape(b, h * w, c)
     s1, s2 = p1, p2
-    call = _remat_call if self.remat else _call
     for layer in self.layers:
-      s1 = call(layer.shared, s1) + s1
-      s2 = call(layer.shared, s2) + s2
-      u = call(layer.joint, jnp.concatenate([s1, s2], axis=-1))
+      s1 = call_block(layer.shared, s1, self.remat) + s1
+      s2 = call_block(layer.shared, s2, self.remat) + s2
+      u = call_block(layer.joint, jnp.concatenate([s1, s2], axis=-1), self.remat)
       s1 = u[..., :c] + p1
       s2 = u[..., c:] + p2
     to_map = lambda s: s.reshape(b, h, w, c).swapaxes(1, 2)
@@ -143,7 +142,10 @@ class ChangeEncoder(nnx.Module):
 
   def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=None):
     c = cfg.d_model
-    remat = REMAT_POLICIES[cfg.get('remat', '')]
+    remat = cfg.get('remat', '')
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f'config.model.remat={remat!r}: expected one of {list(REMAT_POLICIES)}')
+    remat = REMAT_POLICIES[remat]
     self.backbone = ModifiedResNet(tuple(cfg.backbone_layers), cfg.backbone_width, rngs=rngs,
                                    dtype=dtype, remat='backbone' in remat)
     needs_proj = self.backbone.out_channels != c

@@ -72,3 +72,13 @@ def conv3x3(in_features: int, out_features: int, *, stride: int = 1, use_bias: b
   """A 3x3 convolution with PyTorch's `padding=1` (symmetric), kernel HWIO."""
   return nnx.Conv(in_features, out_features, kernel_size=(3, 3), strides=(stride, stride),
                   padding=((1, 1), (1, 1)), use_bias=use_bias, dtype=dtype, rngs=rngs)
+
+
+def call_block(block: nnx.Module, x: jax.Array, remat: bool = False) -> jax.Array:
+  """block(x); with `remat` the backward pass recomputes the block from x instead of keeping its
+  activations (less memory, more FLOPs, the same numbers). BatchNorm statistics and dropout RNG
+  updates leave the block once either way."""
+  return _remat_block(block, x) if remat else block(x)
+
+
+_remat_block = nnx.remat(lambda block, x: block(x))
