@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A sitecustomize that makes the packages the accelerator image lacks unimportable, in the
@@ -22,6 +24,7 @@ sys.meta_path.insert(0, _Missing())
 '''
 
 
+@pytest.mark.slow
 def test_accelerator_check_dry_run_without_the_data_stack(tmp_path):
   site = tmp_path / 'site'
   site.mkdir()

@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_eval_on_eight_devices_matches_one_device(tmp_path):
   """Same model and split on a 1-device and an 8-device mesh: the batches really are split
   over 8 devices, pairs come back in the same order, greedy and beam captions are identical and

@@ -62,13 +62,15 @@ def run(num_devices, fsdp, accum=1):
   state = jax.device_put(state, sh)
   step = jax.jit(train.make_train_step(graphdef, c, opt),
                  in_shardings=(sh, sharding.batch_sharding(mesh)), out_shardings=(sh, None))
-  grad_fn = jax.jit(train.make_grad_fn(graphdef, c),
-                    in_shardings=(sh.params, sh.frozen, sh.batch_stats, sh.rng,
-                                  sharding.batch_sharding(mesh)))
-  (_, _), grads = grad_fn(state.params, state.frozen, state.batch_stats, state.rng,
-                          sharding.global_batch(batch(c.batch_size, c, seed=0), mesh))
-  grads = {jax.tree_util.keystr(p): np.asarray(jax.device_get(v)).tolist()
-           for p, v in jax.tree_util.tree_flatten_with_path(grads)[0]}
+  grads = None
+  if accum == 1:  # the gradient function ignores grad_accum_steps: the accum runs would repeat it
+    grad_fn = jax.jit(train.make_grad_fn(graphdef, c),
+                      in_shardings=(sh.params, sh.frozen, sh.batch_stats, sh.rng,
+                                    sharding.batch_sharding(mesh)))
+    (_, _), grads = grad_fn(state.params, state.frozen, state.batch_stats, state.rng,
+                            sharding.global_batch(batch(c.batch_size, c, seed=0), mesh))
+    grads = {jax.tree_util.keystr(p): np.asarray(jax.device_get(v)).tolist()
+             for p, v in jax.tree_util.tree_flatten_with_path(grads)[0]}
   losses = []
   for s in range(2):  # the second step sees updated params, BN stats and advanced dropout RNG
     state, aux = step(state, sharding.global_batch(batch(c.batch_size, c, seed=s), mesh))
