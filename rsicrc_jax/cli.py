@@ -70,11 +70,31 @@ def ignore_closed_event_loop_errors() -> None:
   def hook(unraisable):
     text = str(unraisable.exc_value)
     if ((isinstance(unraisable.exc_value, RuntimeError) and text == 'Event loop is closed')
-        or text.startswith('Encountered error while reading array index')):
+        or 'Encountered error while reading array index' in text
+        or _from_orbax_read(unraisable.exc_traceback)):
       return
     previous(unraisable)
 
   sys.unraisablehook = hook
+  # The same leftovers can also arrive as asyncio's 'exception was never retrieved' log records.
+  std_logging.getLogger('asyncio').addFilter(_DropOrbaxReadErrors())
+
+
+def _from_orbax_read(tb) -> bool:
+  """Whether a traceback passes through Orbax's per-shard array read."""
+  while tb is not None:
+    if tb.tb_frame.f_code.co_name == '_read_array_index_and_device_put':
+      return True
+    tb = tb.tb_next
+  return False
+
+
+class _DropOrbaxReadErrors(std_logging.Filter):
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (exc is not None and (_from_orbax_read(exc.__traceback__) or
+                                     'Encountered error while reading array index' in str(exc)))
 
 
 def _flag_error(argv: Sequence[str], err: Exception) -> str:
