@@ -82,8 +82,8 @@ def random_train_batch(config, batch: int, seed: int = 0) -> dict[str, np.ndarra
   tokens = np.full((batch, length), cap.PAD, np.int32)
   tokens[:, 0], tokens[:, words + 1] = cap.START, cap.END
   tokens[:, 1:words + 1] = rs.integers(4, vocab, (batch, words))
-  return {'image_a': rs.integers(0, 256, (batch, s, s, 3), dtype=np.uint8),
-          'image_b': rs.integers(0, 256, (batch, s, s, 3), dtype=np.uint8), 'tokens': tokens,
+  image_a, image_b = _random_pairs(batch, s, seed)
+  return {'image_a': image_a, 'image_b': image_b, 'tokens': tokens,
           'flag': np.where(np.arange(batch) % 2 == 0, -1, np.arange(batch)).astype(np.int32),
           'caption_id': np.arange(batch, dtype=np.int32) % 7}
 
@@ -175,6 +175,17 @@ def _batches(n: int, batch: int):
     yield np.where(idx < n, idx, 0)
 
 
+def _timed_batches(run, n: int, batch: int):
+  """run(indices) over n items in padded batches, after one untimed warm-up batch (the compile).
+  Returns (warm-up seconds, timed seconds, the outputs in order)."""
+  t = time.perf_counter()
+  run(next(_batches(n, batch)))
+  compile_s = time.perf_counter() - t
+  t = time.perf_counter()
+  outputs = [run(idx) for idx in _batches(n, batch)]
+  return compile_s, time.perf_counter() - t, outputs
+
+
 def captioning(model_cfg, pairs: int, batch: int, dtype: str = '') -> dict[str, Any]:
   """KV-cached greedy captioning of `pairs` pairs (uint8 in, normalised on device), captions/s.
   The first batch is a warm-up (compile) and is not timed."""
@@ -186,12 +197,8 @@ def captioning(model_cfg, pairs: int, batch: int, dtype: str = '') -> dict[str, 
     nb = pipeline.normalize_images(jnp.asarray(b[idx]))
     return np.asarray(decoding.greedy_decode_cached(model, na, nb)[0])
 
-  t = time.perf_counter()
-  run(next(_batches(pairs, batch)))
-  compile_s = time.perf_counter() - t
-  t = time.perf_counter()
-  tokens = np.concatenate([run(idx) for idx in _batches(pairs, batch)])[:pairs]
-  dt = time.perf_counter() - t
+  compile_s, dt, outputs = _timed_batches(run, pairs, batch)
+  tokens = np.concatenate(outputs)[:pairs]
   steps = int((tokens[:, 1:] != cap.PAD).sum(1).mean())
   return {'pairs': pairs, 'batch': batch, 'dtype': dtype or 'float32', 'compile_s': compile_s,
           'seconds': dt, 'captions_per_s': pairs / dt, 'mean_tokens': steps}
@@ -211,12 +218,6 @@ def embedding(model_cfg, pairs: int, batch: int, dtype: str = '') -> dict[str, A
                                   jnp.asarray(tokens[idx]))
     return np.asarray(v), np.asarray(t)
 
-  t = time.perf_counter()
-  run(next(_batches(pairs, batch)))
-  compile_s = time.perf_counter() - t
-  t = time.perf_counter()
-  for idx in _batches(pairs, batch):
-    run(idx)
-  dt = time.perf_counter() - t
+  compile_s, dt, _ = _timed_batches(run, pairs, batch)
   return {'pairs': pairs, 'batch': batch, 'dtype': dtype or 'float32', 'compile_s': compile_s,
           'seconds': dt, 'pairs_per_s': pairs / dt}
