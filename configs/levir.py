@@ -1,18 +1,38 @@
 """RSICRC on LEVIR-CC with the reference defaults (SPEC brackets).
 
 Usage: python launch.py --config configs/levir.py --workdir DIR [--config.batch_size=64 ...]
+
+Variants of the paper's ablations, comma-separated after a colon (combinable):
+  configs/levir.py:backbone=ViT-B-32   the image tower and its reference sizes (RN50, ViT-B-32,
+                                       ViT-B-16, ViT-L-14, ViT-H-14)
+  configs/levir.py:fna_off             false negatives removed but not attracted (FNE only)
+  configs/levir.py:no_fne              neither removed nor attracted
+  configs/levir.py:caption_only        captioning loss only (lambda 0)
+  configs/levir.py:topk=K              the K hardest negatives over the batch
 """
 
 import ml_collections
 
+from rsicrc_jax.models import backbone as backbones
+
 
 def get_model_config() -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict()
-  # Backbone: CLIP ModifiedResNet RN50 (RemoteCLIP weights), 224 px input -> 7x7x2048.
+  # Image tower (SPEC section 10): 'RN50' (CLIP ModifiedResNet) or an OpenCLIP ViT name
+  # ('ViT-B-32', 'ViT-L-14', ...). Its size comes from the fields of its family below;
+  # configs/levir.py:backbone=NAME sets the reference's sizes for NAME.
+  m.backbone = 'RN50'
+  # ModifiedResNet: RN50 (RemoteCLIP weights), 224 px input -> 7x7x2048.
   m.backbone_layers = (3, 4, 6, 3)
   m.backbone_width = 64
+  # VisionTransformer (used when backbone is a ViT name): ViT-B-32 -> 7x7x768 at 224 px.
+  m.vit_width = 768
+  m.vit_layers = 12
+  m.vit_heads = 12
+  m.vit_patch_size = 32
+  m.vit_quick_gelu = False  # exact GELU, as the reference's open_clip towers
   m.image_size = 224
-  m.pos_table_size = 7  # rows of the encoder position tables (the RN50 feature-map size)
+  m.pos_table_size = 7  # rows of the encoder position tables (the feature-map side)
   # Bi-temporal encoder.
   m.d_model = 2048
   m.encoder_layers = 3
@@ -86,7 +106,32 @@ def get_eval_config() -> ml_collections.ConfigDict:
   return e
 
 
-def get_config() -> ml_collections.ConfigDict:
+VARIANTS = ('backbone=NAME', 'fna_off', 'no_fne', 'caption_only', 'topk=K')
+
+
+def apply_variants(config: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
+  """Applies `backbone=NAME,fna_off,no_fne,caption_only,topk=K` (see the module docstring)."""
+  for item in filter(None, (s.strip() for s in (arg or '').split(','))):
+    name, _, value = item.partition('=')
+    if name == 'backbone' and value in backbones.PRESETS:
+      config.model.backbone = value
+      config.model.update(backbones.PRESETS[value])
+    elif name == 'fna_off' and not value:
+      config.loss.fna = False
+    elif name == 'no_fne' and not value:
+      config.loss.fne = config.loss.fna = False
+    elif name == 'caption_only' and not value:
+      config.loss.lamb = 0.0
+    elif name == 'topk' and value.isdigit() and int(value) > 0:
+      config.loss.top_k = int(value)
+    else:
+      raise ValueError(
+          f'config variant {item!r}: expected backbone=NAME (NAME one of '
+          f'{list(backbones.PRESETS)}), fna_off, no_fne, caption_only or topk=K (K > 0)')
+  return config
+
+
+def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model = get_model_config()
   config.loss = get_loss_config()
@@ -132,4 +177,4 @@ def get_config() -> ml_collections.ConfigDict:
   config.sharding = ml_collections.ConfigDict()
   config.sharding.num_devices = 0  # devices on the 'data' mesh axis; 0 = all
   config.sharding.fsdp = False  # shard params and optimizer state over 'data' (ZeRO-3 style)
-  return config
+  return apply_variants(config, arg)

@@ -43,10 +43,19 @@ def _drop(tree: dict, dotted: str) -> None:
 
 
 def resume_fingerprint(config) -> dict:
-  """The config as a plain dict, less RESUME_IGNORES."""
+  """The config as a plain dict, less RESUME_IGNORES and the size fields of the backbone family
+  the run does not use (an RN50 run ignores vit_*). A workdir written before
+  `model.backbone` existed is an RN50 run."""
   d = json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
   for key in RESUME_IGNORES:
     _drop(d, key)
+  model = d.get('model')
+  if isinstance(model, dict):
+    model.setdefault('backbone', 'RN50')
+    vit = str(model['backbone']).startswith('ViT')
+    for k in list(model):
+      if (k.startswith('vit_') and not vit) or (k.startswith('backbone_') and vit):
+        del model[k]
   return d
 
 

@@ -109,7 +109,11 @@ def _flag_error(argv: Sequence[str], err: Exception) -> str:
     hint = text.splitlines()[-1].strip() if 'Did you mean' in text else ''
     text = f'no such config field {key!r}' + (f' ({hint})' if hint else '')
     return f'{culprit}: {text}' if culprit else text
-  return ' '.join(str(err).split())
+  text = str(err)
+  if 'Traceback (most recent call last)' in text:  # get_config raised: its message, no frames
+    head = text.split('Traceback (most recent call last)')[0]
+    text = f'{head} {[l for l in text.splitlines() if l.strip()][-1]}'
+  return ' '.join(text.split())
 
 
 def _config_load_error(err: OSError) -> str:

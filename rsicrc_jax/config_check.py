@@ -36,6 +36,11 @@ def _nonneg(v):
   return _is_real(v) and v >= 0
 
 
+def _backbone_names() -> list[str]:
+  from rsicrc_jax.models import backbone  # pylint: disable=import-outside-toplevel
+  return list(backbone.FAMILIES)
+
+
 RULES = (
     ('batch_size', _positive_int, 'a positive integer'),
     ('epochs', _positive_int, 'a positive integer'),
@@ -54,6 +59,13 @@ RULES = (
     ('checkpoint.every_steps', _nonneg_int, 'an integer >= 0 (0 = per epoch only)'),
     ('checkpoint.every_minutes', _nonneg, 'a number >= 0 (0 = no time-based saves)'),
     ('sharding.num_devices', _nonneg_int, 'an integer >= 0 (0 = all devices)'),
+    ('model.backbone', lambda v: v in _backbone_names(), 'one of ' + ', '.join(
+        _backbone_names())),
+    ('model.vit_width', _positive_int, 'a positive integer'),
+    ('model.vit_layers', _positive_int, 'a positive integer'),
+    ('model.vit_heads', _positive_int, 'a positive integer'),
+    ('model.vit_patch_size', _positive_int, 'a positive integer'),
+    ('model.vit_quick_gelu', lambda v: isinstance(v, bool), 'True or False'),
     ('model.backbone_layers',
      lambda v: len(v) == 4 and all(_positive_int(x) for x in v), 'four positive integers'),
     ('model.backbone_width', _positive_int, 'a positive integer'),
@@ -109,6 +121,17 @@ def validate(config) -> None:
       if field in m and 'num_heads' in m and m[field] % m.num_heads:
         problems.append(f'config.model.{field}={m[field]}: expected a multiple of '
                         f'config.model.num_heads={m.num_heads}')
+    if str(m.get('backbone', '')).startswith('ViT') and 'vit_patch_size' in m:
+      patch, size = m.vit_patch_size, m.get('image_size', 0)
+      if size % patch:
+        problems.append(f'config.model.image_size={size}: expected a multiple of '
+                        f'config.model.vit_patch_size={patch}')
+      elif m.get('pos_table_size', size // patch) < size // patch:
+        problems.append(f'config.model.pos_table_size={m.pos_table_size}: expected >= '
+                        f'{size // patch}, the ViT feature-map side (image_size / vit_patch_size)')
+      if m.vit_width % m.vit_heads:
+        problems.append(f'config.model.vit_width={m.vit_width}: expected a multiple of '
+                        f'config.model.vit_heads={m.vit_heads}')
   if 'data' in config:
     from rsicrc_jax.data import pipeline  # pylint: disable=import-outside-toplevel
     if config.data.get('name') not in pipeline.DATASETS:

@@ -4,8 +4,10 @@ r"""Convert PyTorch weights into what rsicrc_jax trains and evaluates from.
       A reference RSICRC checkpoint -> model directory (Orbax state + config.json), loaded
       with `rsicrc_jax.model_io.load_model(DIR)`.
   python -m rsicrc_jax.convert remoteclip RemoteCLIP-RN50.pt --out rn50.npz [--config ...]
-      An OpenCLIP RN50 state_dict -> backbone arrays (.npz, '/'-joined leaf names), loaded into
-      a ModifiedResNet with `rsicrc_jax.weights.load_flat_arrays`.
+      An OpenCLIP image tower (the whole CLIP file is fine: the text tower is dropped) ->
+      backbone arrays (.npz, '/'-joined leaf names), which config.init.backbone loads.
+      For a ViT tower name its config: RemoteCLIP-ViT-B-32.pt --config configs/levir.py:backbone=ViT-B-32
+      (ViT-L-14 likewise); a checkpoint of the other family is refused with what it holds.
 
 CKPT may be a PyTorch file (needs the `torch` extra) or a .npz of the state_dict's arrays.
 Config fields can be overridden: --config.model.vocab_size=500. Nothing is written to --out
@@ -23,7 +25,7 @@ from ml_collections import config_flags
 
 from rsicrc_jax import cli, model_io, weights
 from rsicrc_jax.models import RSICRC, model_skeleton
-from rsicrc_jax.models.backbone import ModifiedResNet
+from rsicrc_jax.models import backbone as backbones
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                'configs', 'levir.py')
@@ -50,8 +52,7 @@ def convert_remoteclip(ckpt: str, config, out: str, overwrite: bool = False) -> 
   if not out.endswith('.npz'):
     raise ValueError(f'--out {out}: expected a .npz file name')
   state = weights.load_torch_state_dict(ckpt)
-  m = config.model
-  backbone = ModifiedResNet(tuple(m.backbone_layers), m.backbone_width, rngs=nnx.Rngs(0))
+  backbone = nnx.eval_shape(lambda: backbones.build(config.model, rngs=nnx.Rngs(0)))
   try:
     weights.import_openclip_backbone(backbone, state)
   except weights.CheckpointError as e:

@@ -32,9 +32,10 @@ class TrainState:
   opt_state: Any
 
 
-def filters(fine_tune: bool):
+def filters(model: RSICRC, fine_tune: bool):
   """nnx.split filters, in TrainState order: params, frozen, batch_stats, rng."""
-  return (trainable_filter(fine_tune), nnx.Param, nnx.BatchStat, nnx.RngState)
+  return (trainable_filter(fine_tune, model.backbone_name), nnx.Param, nnx.BatchStat,
+          nnx.RngState)
 
 
 def _is_key_leaf(path) -> bool:
@@ -54,7 +55,7 @@ def unpack_rng(rng):
 
 def split_model(model: RSICRC, fine_tune: bool):
   """-> graphdef, (params, frozen, batch_stats, rng) as pure dicts (rng keys as raw data)."""
-  graphdef, params, frozen, stats, rng = nnx.split(model, *filters(fine_tune))
+  graphdef, params, frozen, stats, rng = nnx.split(model, *filters(model, fine_tune))
   params, frozen, stats, rng = (nnx.to_pure_dict(s) for s in (params, frozen, stats, rng))
   return graphdef, (params, frozen, stats, pack_rng(rng))
 
@@ -65,7 +66,7 @@ def merge_model(graphdef, params, frozen, batch_stats, rng) -> RSICRC:
 
 def mutable_state(model: RSICRC, fine_tune: bool):
   """(batch_stats, rng) of a model after a training-mode forward pass, as pure dicts."""
-  _, _, _, stats, rng = nnx.split(model, *filters(fine_tune))
+  _, _, _, stats, rng = nnx.split(model, *filters(model, fine_tune))
   return nnx.to_pure_dict(stats), pack_rng(nnx.to_pure_dict(rng))
 
 
@@ -88,7 +89,7 @@ def create_model(config: ml_collections.ConfigDict) -> RSICRC:
   else:
     model = RSICRC(config.model, rngs=nnx.Rngs(config.seed))
     backbone = init.get('backbone', '')
-    if backbone:  # RemoteCLIP / OpenCLIP RN50 image tower (.pt, or .npz from `convert`)
+    if backbone:  # a RemoteCLIP / OpenCLIP image tower (.pt, or .npz from `convert`)
       if backbone.endswith('.npz'):
         with np.load(backbone) as f:
           weights.load_flat_arrays(model.encoder.backbone, dict(f), backbone)

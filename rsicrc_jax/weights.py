@@ -1,4 +1,5 @@
-"""Import PyTorch weights: reference RSICRC checkpoints and OpenCLIP (RemoteCLIP) RN50 towers.
+"""Import PyTorch weights: reference RSICRC checkpoints and OpenCLIP (RemoteCLIP) image towers
+(ModifiedResNet RN50, VisionTransformer ViT-B-32 / ViT-L-14 / any ViT size).
 
 Every model leaf (parameters and BatchNorm statistics) is named by one PyTorch key; the mapping
 is a renaming plus a layout change (OIHW -> HWIO convs, (out, in) -> (in, out) linears, the
@@ -18,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rsicrc_jax.models import backbone as backbones
 from rsicrc_jax.models.decoder import sinusoidal_positions
+from rsicrc_jax.models.vit import VisionTransformer
 
 Array = np.ndarray
 
@@ -122,10 +125,27 @@ _RESBLOCK = {'conv1': 'left.0', 'bn1': 'left.1', 'conv2': 'left.3', 'bn2': 'left
              'conv3': 'left.6', 'bn3': 'left.7'}
 
 
-def rsicrc_torch_key(path: tuple[str, ...]) -> tuple[str, int | None]:
-  """Path of a leaf in `nnx.state(RSICRC)` -> (reference state_dict key, in_proj slot)."""
+def _vit_key(parts: list[str], prefix: str) -> tuple[str, int | None]:
+  """['transformer', 'resblocks', '0', 'mlp', 'c_fc', 'kernel'] ->
+  '<prefix>transformer.resblocks.0.mlp.c_fc.weight' (OpenCLIP names, ours mirror them)."""
+  if parts[-1] in ('class_embedding', 'positional_embedding'):
+    return prefix + parts[-1], None
+  if len(parts) >= 3 and parts[-3] == 'attn':
+    return _mha_key(prefix + '.'.join(parts[:-2]), parts[-2], parts[-1])
+  return prefix + '.'.join(parts[:-1]) + '.' + _leaf(parts[-1]), None
+
+
+def _is_vit(backbone: str) -> bool:
+  return backbones.family(backbone) is VisionTransformer
+
+
+def rsicrc_torch_key(path: tuple[str, ...], backbone: str = 'RN50') -> tuple[str, int | None]:
+  """Path of a leaf in `nnx.state(RSICRC)` -> (reference state_dict key, in_proj slot), for a
+  model whose config.model.backbone is `backbone`."""
   p = list(path)
   if p[:2] == ['encoder', 'backbone']:
+    if _is_vit(backbone):
+      return _vit_key(p[2:], 'encoder.encoder.net.')
     return _backbone_key(p[2:], 'encoder.encoder.net.', rsicrc_layout=True), None
   if p[0] == 'encoder':
     name = p[1]
@@ -169,6 +189,46 @@ def rsicrc_torch_key(path: tuple[str, ...]) -> tuple[str, int | None]:
 def openclip_backbone_key(path: tuple[str, ...]) -> tuple[str, int | None]:
   """Path of a leaf in `nnx.state(ModifiedResNet)` -> (OpenCLIP key, None)."""
   return _backbone_key(list(path), 'visual.', rsicrc_layout=False), None
+
+
+def openclip_vit_key(path: tuple[str, ...]) -> tuple[str, int | None]:
+  """Path of a leaf in `nnx.state(VisionTransformer)` -> (OpenCLIP key, in_proj slot)."""
+  return _vit_key(list(path), 'visual.')
+
+
+def describe_tower(state_dict: Mapping[str, Array], prefix: str) -> str:
+  """What image tower the tensors under `prefix` hold, for messages: 'an OpenCLIP ViT (width
+  768, 12 layers, patch 32, 224 px)', 'a ModifiedResNet (RN50 layout)' or ''."""
+  conv = state_dict.get(prefix + 'conv1.weight')
+  blocks = {k[len(prefix):].split('.')[2] for k in state_dict
+            if k.startswith(prefix + 'transformer.resblocks.')}
+  if conv is not None and np.ndim(conv) == 4 and blocks:
+    pos = state_dict.get(prefix + 'positional_embedding')
+    px = ''
+    if pos is not None and np.ndim(pos) == 2:
+      px = f', {int(round((pos.shape[0] - 1) ** 0.5)) * conv.shape[2]} px'
+    return (f'an OpenCLIP ViT (width {conv.shape[0]}, {len(blocks)} layers, patch {conv.shape[2]}'
+            f'{px})')
+  if any(k.startswith((prefix + 'layer1.', prefix + '10.')) for k in state_dict):
+    return 'a ModifiedResNet (RN50 layout)'
+  return ''
+
+
+def _check_tower_family(state_dict: Mapping[str, Array], prefix: str, backbone: str) -> None:
+  """A ViT checkpoint for an RN50 config (or the reverse) is named as such, not as 200 keys."""
+  found = describe_tower(state_dict, prefix)
+  if found and found.startswith('an OpenCLIP ViT') != _is_vit(backbone):
+    hint = ('configs/levir.py:backbone=ViT-B-32 (or set config.model.backbone and the vit_* '
+            'fields)' if not _is_vit(backbone) else 'config.model.backbone=RN50')
+    raise CheckpointError(f'the checkpoint\'s image tower is {found}, but '
+                          f'config.model.backbone={backbone!r} builds '
+                          f'{"a ViT" if _is_vit(backbone) else "a ModifiedResNet"}; use {hint}')
+
+
+def torch_naming(backbone: str = 'RN50') -> dict:
+  """`to_torch_state_dict` arguments for an RSICRC with this config.model.backbone."""
+  convs = _TORCH_CONV_PREFIXES[1:] if _is_vit(backbone) else _TORCH_CONV_PREFIXES
+  return dict(key_fn=lambda p: rsicrc_torch_key(p, backbone), conv_prefixes=convs)
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -261,6 +321,8 @@ def import_rsicrc(model: nnx.Module, state_dict: Mapping[str, Array], *,
   `value_from_key` (shape-checked); `lm_head.weight` when embeddings are tied (must equal
   `tokens_embed.weight`).
   """
+  _check_tower_family(state_dict, 'encoder.encoder.net.', model.backbone_name)
+  vit = _is_vit(model.backbone_name)
   cfg_tied = model.decoder.tie_embeddings
   value_from_key = all(layer.shared.att.to_v is None for layer in model.encoder.attentive.layers)
   state_dict = dict(state_dict)
@@ -291,6 +353,12 @@ def import_rsicrc(model: nnx.Module, state_dict: Mapping[str, Array], *,
   def ignore(key: str) -> bool:
     if key.endswith('num_batches_tracked') or key == 'decoder.position_encoding.pe':
       return True
+    if vit and key == 'encoder.encoder.net.proj':  # the ViT's own projection: unused (SPEC 10)
+      width = model.encoder.backbone.out_channels
+      if np.ndim(state_dict[key]) != 2 or state_dict[key].shape[0] != width:
+        raise CheckpointError(f'{key}: expected shape ({width}, output_dim), found '
+                              f'{np.shape(state_dict[key])}')
+      return True
     if cfg_tied and key == 'decoder.lm_head.weight':
       return True
     if value_from_key and re.fullmatch(r'encoder\.encoder_trans\.selftrans\.\d+\.\d\.att\.to_v\.'
@@ -303,18 +371,24 @@ def import_rsicrc(model: nnx.Module, state_dict: Mapping[str, Array], *,
     return False
 
   abstract = nnx.state(model, _model_state_filter())
-  nnx.update(model, convert_state(state_dict, abstract, rsicrc_torch_key, ignore))
+  key_fn = lambda p: rsicrc_torch_key(p, model.backbone_name)
+  nnx.update(model, convert_state(state_dict, abstract, key_fn, ignore))
 
 
 def import_openclip_backbone(backbone: nnx.Module, state_dict: Mapping[str, Array]) -> None:
-  """Loads the image tower of an OpenCLIP ModifiedResNet state_dict (e.g. RemoteCLIP-RN50.pt)
-  into a `ModifiedResNet` in place. The attention-pool head and the text tower are dropped."""
+  """Loads the image tower of an OpenCLIP state_dict (RemoteCLIP-RN50.pt, RemoteCLIP-ViT-B-32.pt,
+  a whole CLIP file) into a `ModifiedResNet` or `VisionTransformer` in place. The text tower,
+  the RN50 attention-pool head and the ViT's `proj` are dropped."""
   if not any(k.startswith('visual.') for k in state_dict):
     raise CheckpointError('no "visual.*" tensors: not an OpenCLIP state_dict')
+  vit = isinstance(backbone, VisionTransformer)
+  _check_tower_family(state_dict, 'visual.', 'ViT-B-32' if vit else 'RN50')
+  dropped = ('visual.proj',) if vit else ()
   ignore = lambda k: (not k.startswith('visual.') or k.startswith('visual.attnpool.')
-                      or k.endswith('num_batches_tracked'))
+                      or k in dropped or k.endswith('num_batches_tracked'))
   abstract = nnx.state(backbone, _model_state_filter())
-  nnx.update(backbone, convert_state(state_dict, abstract, openclip_backbone_key, ignore))
+  key_fn = openclip_vit_key if vit else openclip_backbone_key
+  nnx.update(backbone, convert_state(state_dict, abstract, key_fn, ignore))
 
 
 def flat_arrays(module: nnx.Module) -> dict[str, Array]:

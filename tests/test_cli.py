@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from configs import demo, levir
@@ -99,6 +100,69 @@ def test_validate_names_every_bad_field():
   c.evals.val_caption.beam_size = 0
   with pytest.raises(ConfigError, match=r'config.evals.val_caption.beam_size: expected >= 1'):
     config_check.validate(c)
+
+
+def test_config_variants_set_the_papers_ablations():
+  c = levir.get_config('backbone=ViT-L-14,fna_off,topk=8')
+  m = c.model
+  assert (m.backbone, m.vit_width, m.vit_layers, m.vit_heads, m.vit_patch_size) == (
+      'ViT-L-14', 1024, 24, 16, 14)
+  assert m.pos_table_size == 16 and m.image_size == 224  # the 16x16 feature map
+  assert (c.loss.fne, c.loss.fna, c.loss.top_k, c.loss.lamb) == (True, False, 8, 0.5)
+  c = levir.get_config('no_fne, caption_only')
+  assert (c.loss.fne, c.loss.fna, c.loss.lamb, c.model.backbone) == (False, False, 0.0, 'RN50')
+  for variant in levir.VARIANTS:  # every documented variant parses and passes the checks
+    config_check.validate(levir.get_config(variant.replace('=NAME', '=ViT-B-32')
+                                           .replace('=K', '=4')))
+  for bad in ('backbone=ViT-L-15', 'topk=0', 'fna_off=1', 'hd'):
+    with pytest.raises(ValueError, match=f'config variant {bad!r}: expected backbone=NAME'):
+      levir.get_config(bad)
+
+
+def test_a_bad_config_variant_is_one_line(tmp_path):
+  out = run('launch.py', '--config=configs/levir.py:backbone=ViT-L-15', f'--workdir={tmp_path}/w')
+  assert out.returncode == 2
+  assert "config variant 'backbone=ViT-L-15': expected backbone=NAME" in out.stderr
+  assert 'Traceback' not in out.stderr and len(out.stderr.splitlines()) == 2
+  assert not os.path.exists(tmp_path / 'w')
+
+
+def test_vit_fields_are_checked():
+  c = levir.get_config('backbone=ViT-B-32')
+  c.model.image_size = 200
+  c.model.vit_heads = 5
+  with pytest.raises(ConfigError) as err:
+    config_check.validate(c)
+  assert str(err.value) == (
+      'config.model.image_size=200: expected a multiple of config.model.vit_patch_size=32; '
+      'config.model.vit_width=768: expected a multiple of config.model.vit_heads=5')
+  c = levir.get_config('backbone=ViT-L-14')
+  c.model.pos_table_size = 7
+  with pytest.raises(ConfigError, match=r'pos_table_size=7: expected >= 16, the ViT feature-map'):
+    config_check.validate(c)
+  c.model.backbone = 'ViT-G-99'
+  with pytest.raises(ConfigError, match=r"config.model.backbone='ViT-G-99': expected one of RN50"):
+    config_check.validate(c)
+
+
+def test_a_workdir_from_before_the_backbone_field_resumes_as_rn50():
+  """Runs saved before config.model.backbone and vit_* existed stay resumable; their fields
+  only count for the family in use."""
+  from rsicrc_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  new = levir.get_config()
+  old = new.to_dict()
+  for k in ('backbone', 'vit_width', 'vit_layers', 'vit_heads', 'vit_patch_size',
+            'vit_quick_gelu'):
+    del old['model'][k]
+  fingerprint = checkpointing.resume_fingerprint
+  assert fingerprint(ml_collections.ConfigDict(old)) == fingerprint(new)
+  vit = levir.get_config('backbone=ViT-B-32')
+  assert fingerprint(vit) != fingerprint(new)
+  changed = levir.get_config('backbone=ViT-B-32')
+  changed.model.backbone_width = 32  # not the ViT's: no difference
+  assert fingerprint(changed) == fingerprint(vit)
+  changed.model.vit_layers = 6
+  assert fingerprint(changed) != fingerprint(vit)
 
 
 def test_metric_writer_drops_rows_after_the_resumed_step(tmp_path):

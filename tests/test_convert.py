@@ -11,7 +11,7 @@ from flax import nnx
 
 from configs import levir, reference_tiny
 from rsicrc_jax import convert, model_io, weights
-from rsicrc_jax.models.backbone import ModifiedResNet
+from rsicrc_jax.models.modified_resnet import ModifiedResNet
 
 from conftest import FIXTURES, assert_close, nhwc
 

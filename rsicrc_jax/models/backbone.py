@@ -1,89 +1,52 @@
-"""CLIP's ModifiedResNet image tower (RemoteCLIP RN50), NHWC, without the attention-pool head.
+"""Which image tower `config.model.backbone` names (SPEC section 10), and building it.
 
-Architecture (SPEC section 3): a three-conv stem with an average pool, then four stages of
-bottlenecks whose strided downsampling is an average pool (anti-aliased, as in CLIP) rather
-than a strided convolution. Input (B, H, W, 3) normalised images; output (B, H/32, W/32,
-32 * width) feature maps: (B, 7, 7, 2048) for RN50 at 224 px.
+A name picks the tower's family: `RN50` is CLIP's ModifiedResNet (modified_resnet.py), the
+`ViT-*` names OpenCLIP's VisionTransformer (vit.py). The size comes from the config fields of
+that family (`backbone_layers`, `backbone_width`; `vit_width`, `vit_layers`, `vit_heads`,
+`vit_patch_size`), so any OpenCLIP ViT size works under any ViT name; `PRESETS` holds the
+reference's sizes per name, which `configs/levir.py:backbone=NAME` applies.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import jax
 from flax import nnx
 
-from rsicrc_jax.models.layers import BatchNorm, avg_pool, call_block, conv3x3, pointwise_conv
+from rsicrc_jax.models.modified_resnet import ModifiedResNet
+from rsicrc_jax.models.vit import VisionTransformer
 
-EXPANSION = 4
+FAMILIES = {'RN50': ModifiedResNet, 'ViT-B-32': VisionTransformer,
+            'ViT-B-16': VisionTransformer, 'ViT-L-14': VisionTransformer,
+            'ViT-H-14': VisionTransformer}
 
-
-class Bottleneck(nnx.Module):
-  """1x1 reduce -> 3x3 -> avgpool(stride) -> 1x1 expand, plus an avgpool->1x1->BN shortcut."""
-
-  def __init__(self, in_planes: int, planes: int, stride: int, *, rngs: nnx.Rngs, dtype=None):
-    out_planes = planes * EXPANSION
-    self.stride = stride
-    self.conv1 = pointwise_conv(in_planes, planes, use_bias=False, rngs=rngs, dtype=dtype)
-    self.bn1 = BatchNorm(planes, dtype=dtype)
-    self.conv2 = conv3x3(planes, planes, use_bias=False, rngs=rngs, dtype=dtype)
-    self.bn2 = BatchNorm(planes, dtype=dtype)
-    self.conv3 = pointwise_conv(planes, out_planes, use_bias=False, rngs=rngs, dtype=dtype)
-    self.bn3 = BatchNorm(out_planes, dtype=dtype)
-    shortcut = stride > 1 or in_planes != out_planes
-    self.downsample_conv = nnx.data(pointwise_conv(
-        in_planes, out_planes, use_bias=False, rngs=rngs, dtype=dtype) if shortcut else None)
-    self.downsample_bn = nnx.data(BatchNorm(out_planes, dtype=dtype) if shortcut else None)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    out = jax.nn.relu(self.bn1(self.conv1(x)))
-    out = jax.nn.relu(self.bn2(self.conv2(out)))
-    out = self.bn3(self.conv3(avg_pool(out, self.stride)))
-    identity = x
-    if self.downsample_conv is not None:
-      identity = self.downsample_bn(self.downsample_conv(avg_pool(x, self.stride)))
-    return jax.nn.relu(out + identity)
+# The towers as the reference (RemoteCLIP, OpenCLIP) builds them at 224 px; pos_table_size is
+# the feature-map side, which sizes the encoder's position tables (SPEC section 10).
+PRESETS = {
+    'RN50': dict(backbone_layers=(3, 4, 6, 3), backbone_width=64, image_size=224,
+                 pos_table_size=7),
+    'ViT-B-32': dict(vit_width=768, vit_layers=12, vit_heads=12, vit_patch_size=32,
+                     image_size=224, pos_table_size=7),
+    'ViT-B-16': dict(vit_width=768, vit_layers=12, vit_heads=12, vit_patch_size=16,
+                     image_size=224, pos_table_size=14),
+    'ViT-L-14': dict(vit_width=1024, vit_layers=24, vit_heads=16, vit_patch_size=14,
+                     image_size=224, pos_table_size=16),
+    'ViT-H-14': dict(vit_width=1280, vit_layers=32, vit_heads=16, vit_patch_size=14,
+                     image_size=224, pos_table_size=16),
+}
 
 
-class ModifiedResNet(nnx.Module):
-  """The image tower of CLIP RN50 (and narrower/shallower variants for tests and demos).
+def family(name: str) -> type[nnx.Module]:
+  """The tower class for a `config.model.backbone` name."""
+  if name not in FAMILIES:
+    raise ValueError(f'config.model.backbone={name!r}: expected one of {list(FAMILIES)}')
+  return FAMILIES[name]
 
-  Attributes mirror OpenCLIP's names (conv1/bn1 .. conv3/bn3, layer1..layer4) so that weight
-  import is a mechanical renaming.
-  """
 
-  def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), width: int = 64, *,
-               rngs: nnx.Rngs, dtype=None, remat: bool = False):
-    if len(layers) != 4:
-      raise ValueError(f'ModifiedResNet needs 4 stage depths, got layers={list(layers)}')
-    self.conv1 = conv3x3(3, width // 2, stride=2, use_bias=False, rngs=rngs, dtype=dtype)
-    self.bn1 = BatchNorm(width // 2, dtype=dtype)
-    self.conv2 = conv3x3(width // 2, width // 2, use_bias=False, rngs=rngs, dtype=dtype)
-    self.bn2 = BatchNorm(width // 2, dtype=dtype)
-    self.conv3 = conv3x3(width // 2, width, use_bias=False, rngs=rngs, dtype=dtype)
-    self.bn3 = BatchNorm(width, dtype=dtype)
-
-    in_planes = width
-    stages = []
-    for i, depth in enumerate(layers):
-      planes = width * 2**i
-      blocks = []
-      for b in range(depth):
-        stride = 1 if (i == 0 or b > 0) else 2
-        blocks.append(Bottleneck(in_planes, planes, stride, rngs=rngs, dtype=dtype))
-        in_planes = planes * EXPANSION
-      stages.append(nnx.List(blocks))
-    self.layer1, self.layer2, self.layer3, self.layer4 = stages
-    self.out_channels = in_planes
-    self.remat = remat
-
-  def __call__(self, images: jax.Array) -> jax.Array:
-    """(B, H, W, 3) -> (B, H/32, W/32, out_channels)."""
-    x = jax.nn.relu(self.bn1(self.conv1(images)))
-    x = jax.nn.relu(self.bn2(self.conv2(x)))
-    x = jax.nn.relu(self.bn3(self.conv3(x)))
-    x = avg_pool(x, 2)
-    for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-      for block in stage:
-        x = call_block(block, x, self.remat)
-    return x
+def build(cfg, *, rngs: nnx.Rngs, dtype=None, remat: bool = False) -> nnx.Module:
+  """The image tower of `config.model`: images (B, H, W, 3) -> (B, h, w, out_channels)."""
+  cls = family(cfg.get('backbone', 'RN50'))  # model dirs written before the field: RN50
+  if cls is VisionTransformer:
+    return VisionTransformer(cfg.image_size, cfg.vit_patch_size, cfg.vit_width, cfg.vit_layers,
+                             cfg.vit_heads, quick_gelu=cfg.get('vit_quick_gelu', False),
+                             rngs=rngs, dtype=dtype, remat=remat)
+  return ModifiedResNet(tuple(cfg.backbone_layers), cfg.backbone_width, rngs=rngs, dtype=dtype,
+                        remat=remat)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rsicrc_jax.models.attention import MultiheadAttention, SpatialAttention
-from rsicrc_jax.models.backbone import ModifiedResNet
+from rsicrc_jax.models import backbone as backbones
 from rsicrc_jax.models.layers import BatchNorm, call_block, conv3x3, pointwise_conv
 
 
@@ -136,8 +136,8 @@ def cosine_similarity(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Arra
 class ChangeEncoder(nnx.Module):
   """Images -> (visual_emb (B, C), visual_tokens (B, hw, C)).
 
-  The reference's `ImagesEncoder`: backbone (+1x1 projection when its width differs from
-  d_model), attentive bi-temporal encoder, cosine fusion, ResBlock, attention pooling + LN.
+  The reference's `ImagesEncoder`: backbone (ModifiedResNet or ViT, see backbone.py; +1x1
+  projection when its width differs from d_model), attentive bi-temporal encoder, cosine fusion, ResBlock, attention pooling + LN.
   """
 
   def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=None):
@@ -146,8 +146,7 @@ class ChangeEncoder(nnx.Module):
     if remat not in REMAT_POLICIES:
       raise ValueError(f'config.model.remat={remat!r}: expected one of {list(REMAT_POLICIES)}')
     remat = REMAT_POLICIES[remat]
-    self.backbone = ModifiedResNet(tuple(cfg.backbone_layers), cfg.backbone_width, rngs=rngs,
-                                   dtype=dtype, remat='backbone' in remat)
+    self.backbone = backbones.build(cfg, rngs=rngs, dtype=dtype, remat='backbone' in remat)
     needs_proj = self.backbone.out_channels != c
     self.proj = nnx.data(pointwise_conv(self.backbone.out_channels, c, use_bias=True, rngs=rngs,
                                         dtype=dtype) if needs_proj else None)

@@ -9,11 +9,14 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from rsicrc_jax.models import backbone as backbones
 from rsicrc_jax.models.decoder import CaptionDecoder
 from rsicrc_jax.models.encoder import ChangeEncoder
+from rsicrc_jax.models.modified_resnet import ModifiedResNet
+from rsicrc_jax.models.vit import VisionTransformer
 
 _MODEL_KEYS = (
-    'backbone_layers', 'backbone_width', 'd_model', 'vocab_size', 'max_len', 'num_heads', 'h_dim',
+    'd_model', 'vocab_size', 'max_len', 'num_heads', 'h_dim',
     'a_dim', 'encoder_layers', 'decoder_layers', 'dropout', 'learnable', 'fine_tune',
     'tie_embeddings', 'prenorm', 'value_from_key', 'pos_table_size', 'dtype')
 
@@ -27,8 +30,14 @@ class RSICRCOutput:
   cross_attention: jax.Array  # (B, L, hw) head-averaged, last multimodal layer
 
 
+_BACKBONE_KEYS = {ModifiedResNet: ('backbone_layers', 'backbone_width'),
+                  VisionTransformer: ('image_size', 'vit_width', 'vit_layers', 'vit_heads',
+                                      'vit_patch_size')}
+
+
 def _check_config(cfg: ml_collections.ConfigDict) -> None:
-  missing = [k for k in _MODEL_KEYS if k not in cfg]
+  tower = backbones.family(cfg.get('backbone', 'RN50'))
+  missing = [k for k in _MODEL_KEYS + _BACKBONE_KEYS[tower] if k not in cfg]
   if missing:
     raise KeyError(f'config.model lacks {missing}; see configs/levir.py for the full set')
   if cfg.d_model % cfg.num_heads or cfg.a_dim % cfg.num_heads:
@@ -47,6 +56,7 @@ class RSICRC(nnx.Module):
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     _check_config(cfg)
+    self.backbone_name = cfg.get('backbone', 'RN50')  # static: which parameters train
     dtype = jnp.dtype(cfg.dtype) if cfg.dtype else None
     self.encoder = ChangeEncoder(cfg, rngs=rngs, dtype=dtype)
     self.decoder = CaptionDecoder(cfg, rngs=rngs, dtype=dtype)
@@ -76,22 +86,23 @@ def model_skeleton(cfg: ml_collections.ConfigDict, seed: int = 0) -> RSICRC:
   return model
 
 
-# Frozen when fine-tuning (SPEC section 3): the backbone stem and layer1. Without fine-tuning
-# the whole backbone is frozen. BatchNorm statistics are not parameters and always update.
-_STEM = ('conv1', 'bn1', 'conv2', 'bn2', 'conv3', 'bn3', 'layer1')
-
-
-def is_trainable(path: tuple, fine_tune: bool = True) -> bool:
-  """Whether the parameter at `path` (as in nnx.state) is trained."""
+def is_trainable(path: tuple, fine_tune: bool = True,
+                 fine_tuned: tuple[str, ...] = ModifiedResNet.FINE_TUNED) -> bool:
+  """Whether the parameter at `path` (as in nnx.state) is trained: everything outside the
+  backbone; inside it, with `fine_tune`, the children named in `fine_tuned` (the tower's
+  FINE_TUNED: layer2..layer4 of RN50, transformer and ln_post of a ViT). Without fine-tuning
+  the whole backbone is frozen. BatchNorm statistics are not parameters and always update."""
   keys = [str(getattr(p, 'key', p)) for p in path]
   if keys[:2] != ['encoder', 'backbone']:
     return True
-  return fine_tune and keys[2] not in _STEM
+  return fine_tune and keys[2] in fine_tuned
 
 
-def trainable_filter(fine_tune: bool = True):
-  """An nnx filter selecting the trainable parameters (use with nnx.state / nnx.Optimizer)."""
-  return nnx.All(nnx.Param, lambda path, _: is_trainable(path, fine_tune))
+def trainable_filter(fine_tune: bool = True, backbone: str = 'RN50'):
+  """An nnx filter selecting the trainable parameters of a model whose config.model.backbone is
+  `backbone` (use with nnx.state / nnx.Optimizer)."""
+  fine_tuned = backbones.family(backbone).FINE_TUNED
+  return nnx.All(nnx.Param, lambda path, _: is_trainable(path, fine_tune, fine_tuned))
 
 
 def count_params(model: nnx.Module, filter_=nnx.Param) -> int:
