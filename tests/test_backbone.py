@@ -12,7 +12,8 @@ from flax import nnx
 from configs import levir
 from rsicrc_jax import weights
 from rsicrc_jax.models import RSICRC, count_params, trainable_filter
-from rsicrc_jax.models.backbone import ModifiedResNet
+from rsicrc_jax.models.modified_resnet import ModifiedResNet
+from rsicrc_jax.models.vit import VisionTransformer
 
 from conftest import FIXTURES, assert_close
 
@@ -97,3 +98,140 @@ def test_full_rn50_matches_openclip():
   out = nnx.jit(lambda m, x: m(x))(net, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
   assert out.shape == (2, 7, 7, 2048)
   assert_close(out, feat.numpy().transpose(0, 2, 3, 1), rtol=1e-4, name='RN50 features')
+
+
+def _openclip_vit_params(width, layers, patch, grid, output_dim):
+  """OpenCLIP VisionTransformer's parameter count, term by term from its modules: conv1 (no
+  bias), class_embedding, positional_embedding, ln_pre, `layers` blocks (ln_1, in_proj 3w^2+3w,
+  out_proj w^2+w, ln_2, c_fc 4w^2+4w, c_proj 4w^2+w), ln_post, proj."""
+  w = width
+  block = 2 * w + (3 * w * w + 3 * w) + (w * w + w) + 2 * w + (4 * w * w + 4 * w) + (4 * w * w + w)
+  return (3 * patch * patch * w + w + (grid * grid + 1) * w + 2 * w + layers * block + 2 * w
+          + w * output_dim)
+
+
+@pytest.mark.parametrize('name,tower,proj,reference_total,reference_trainable', [
+    # OpenCLIP's published tower sizes: ViT-B-32 87.85 M, ViT-L-14 303.97 M (visual).
+    ('ViT-B-32', 87_849_216, 768 * 512, 416_711_936, 413_918_720),
+    ('ViT-L-14', 303_966_208, 1024 * 768, 633_371_648, 631_716_864),
+])
+def test_vit_parameter_counts(name, tower, proj, reference_total, reference_trainable):
+  """The reference's counts at the levir config with a ViT backbone: its RSICRC holds the tower
+  with `proj` (unused, frozen) and the encoder's never-used value projections (trainable); this
+  model holds neither. Trainable: everything outside the tower, its transformer and ln_post."""
+  config = levir.get_config(f'backbone={name}')
+  m = config.model
+  grid = m.image_size // m.vit_patch_size
+  assert grid == m.pos_table_size == {'ViT-B-32': 7, 'ViT-L-14': 16}[name]
+  assert _openclip_vit_params(m.vit_width, m.vit_layers, m.vit_patch_size, grid,
+                              proj // m.vit_width) == tower
+  model = nnx.eval_shape(lambda: RSICRC(m, rngs=nnx.Rngs(0)))
+  assert count_params(model.encoder.backbone) == tower - proj
+  unused_values = 3 * (2048 * 2048 + 4096 * 2048)
+  assert count_params(model) == reference_total - unused_values - proj
+  assert count_params(model, trainable_filter(True, name)) == reference_trainable - unused_values
+  # Frozen: the patch embedding, class token, positions and ln_pre.
+  w = m.vit_width
+  frozen = 3 * m.vit_patch_size ** 2 * w + w + (grid * grid + 1) * w + 2 * w
+  assert count_params(model) - count_params(model, trainable_filter(True, name)) == frozen
+  assert count_params(model, trainable_filter(False, name)) == (
+      count_params(model) - count_params(model.encoder.backbone))
+
+
+@pytest.fixture(scope='module')
+def vit_reference():
+  with np.load(os.path.join(FIXTURES, 'rsicrc_reference_tiny_vit.npz')) as d:
+    return {k: d[k] for k in d.files}
+
+
+def _tiny_vit():
+  from configs import reference_tiny_vit  # pylint: disable=import-outside-toplevel
+  from rsicrc_jax.models import backbone  # pylint: disable=import-outside-toplevel
+  return backbone.build(reference_tiny_vit.get_config().model, rngs=nnx.Rngs(0))
+
+
+def test_vit_tower_from_openclip_names_equals_the_rsicrc_import(vit_reference):
+  """An OpenCLIP file (visual.*, with the text tower and proj beside it) loads into the same
+  tower as the RSICRC checkpoint's encoder.encoder.net.*, and exports back to those names."""
+  prefix = 'state/encoder.encoder.net.'
+  visual = {'visual.' + k[len(prefix):]: v for k, v in vit_reference.items()
+            if k.startswith(prefix)}
+  clip_file = dict(visual, **{'token_embedding.weight': np.zeros((10, 4), np.float32),
+                              'logit_scale': np.float32(1.0)})
+  net = _tiny_vit()
+  weights.import_openclip_backbone(net, clip_file)
+  x = jnp.asarray(vit_reference['input/img_before'].transpose(0, 2, 3, 1))
+  feat = nnx.jit(lambda m, x: m(x))(net, x)
+  assert feat.shape == (4, 4, 4, 32)
+  # The reference's projected map is proj(tower(x)): apply the checkpoint's 1x1 conv by hand.
+  w = vit_reference['state/encoder.encoder.proj.weight'][:, :, 0, 0]
+  b = vit_reference['state/encoder.encoder.proj.bias']
+  assert_close(np.asarray(feat) @ w.T + b,
+               vit_reference['eval/backbone_proj_feat1'].transpose(0, 2, 3, 1), name='tower+proj')
+  exported = weights.to_torch_state_dict(nnx.state(net, nnx.Param),
+                                         key_fn=weights.openclip_vit_key, conv_prefixes=())
+  assert set(exported) == set(visual) - {'visual.proj'}
+  for k, v in exported.items():
+    np.testing.assert_array_equal(v, visual[k], err_msg=k)
+
+
+def test_a_tower_of_the_other_family_is_named(vit_reference, openclip_tiny):
+  visual = {'visual.' + k[len('state/encoder.encoder.net.'):]: v for k, v in vit_reference.items()
+            if k.startswith('state/encoder.encoder.net.')}
+  with pytest.raises(weights.CheckpointError,
+                     match=r"OpenCLIP ViT \(width 32, 2 layers, patch 16, 64 px\), but "
+                           r"config.model.backbone='RN50'.*backbone=ViT-B-32"):
+    weights.import_openclip_backbone(ModifiedResNet((1, 1, 1, 1), 8, rngs=nnx.Rngs(0)), visual)
+  resnet = {k[6:]: v for k, v in openclip_tiny.items() if k.startswith('state/')}
+  with pytest.raises(weights.CheckpointError, match=r'ModifiedResNet \(RN50 layout\).*RN50'):
+    weights.import_openclip_backbone(_tiny_vit(), resnet)
+
+
+@pytest.fixture(scope='module')
+def openclip_vit_tiny():
+  with np.load(os.path.join(FIXTURES, 'openclip_vit_tiny.npz')) as d:
+    return {k: d[k] for k in d.files}
+
+
+@pytest.mark.parametrize('activation', ['gelu', 'quick_gelu'])
+def test_vit_matches_openclip(openclip_vit_tiny, activation):
+  """Random-weight towers from OpenCLIP's VisionTransformer (scripts/make_openclip_vit_fixture.py):
+  our tower's feature map equals the patch tokens OpenCLIP returns with output_tokens=True."""
+  fx = openclip_vit_tiny
+  net = VisionTransformer(int(fx['image_size']), int(fx['patch_size']), int(fx['width']),
+                          int(fx['layers']), int(fx['heads']),
+                          quick_gelu=activation == 'quick_gelu', rngs=nnx.Rngs(0))
+  prefix = f'{activation}/state/'
+  weights.import_openclip_backbone(
+      net, {k[len(prefix):]: v for k, v in fx.items() if k.startswith(prefix)})
+  out = nnx.jit(lambda m, x: m(x))(net, jnp.asarray(fx['input'].transpose(0, 2, 3, 1)))
+  tokens = fx[f'{activation}/tokens']
+  b, n, w = tokens.shape
+  g = int(round(n ** 0.5))
+  assert out.shape == (b, g, g, w)
+  assert_close(out.reshape(b, n, w), tokens, name=f'{activation} tokens')
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec('open_clip') is None, reason='open_clip not installed')
+@pytest.mark.parametrize('name', ['ViT-B-32', 'ViT-L-14'])
+def test_full_vit_matches_openclip(name):
+  """Full-size towers as open_clip.create_model(name) builds them (random weights): our PRESETS
+  are its sizes and the feature maps agree."""
+  import open_clip  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  from rsicrc_jax.models import backbone  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  ref = open_clip.create_model(name, pretrained=None).visual.eval()
+  ref.output_tokens = True
+  x = torch.randn(1, 3, 224, 224)
+  with torch.no_grad():
+    _, tokens = ref(x)
+  config = levir.get_config(f'backbone={name}')
+  net = backbone.build(config.model, rngs=nnx.Rngs(0))
+  weights.import_openclip_backbone(
+      net, {f'visual.{k}': v.float().numpy() for k, v in ref.state_dict().items()})
+  out = nnx.jit(lambda m, x: m(x))(net, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
+  g = config.model.pos_table_size
+  assert out.shape == (1, g, g, config.model.vit_width)
+  assert_close(out.reshape(1, g * g, -1), tokens.numpy(), rtol=1e-4, name=f'{name} tokens')
