@@ -88,7 +88,8 @@ def eval_entry(type: str, split: str = 'val', **fields) -> ml_collections.Config
   if type in ('retrieval', 'caption'):
     e['max_pairs'] = 0  # 0 = the whole split
   if type == 'caption':
-    e.update(beam_size=1, length_penalty=0.0, meteor=False)  # METEOR starts Java: slow
+    e.update(beam_size=1, length_penalty=0.0, meteor=False,  # METEOR starts Java: slow
+             caption_protocol='reference')  # or 'chg2cap' (see config.eval)
   e.update(fields)
   return ml_collections.ConfigDict(e)
 
@@ -103,6 +104,9 @@ def get_eval_config() -> ml_collections.ConfigDict:
   e.num_figures = 8  # pairs drawn to figures/
   e.max_pairs = 0  # score only the first N pairs; 0 = all
   e.meteor = True  # METEOR needs `java` on PATH; skipped with a note otherwise
+  # 'reference': raw references, whose final " ." counts (the RSICRC code); 'chg2cap': lowercased
+  # and punctuation stripped on both sides, as most published LEVIR-CC tables.
+  e.caption_protocol = 'reference'
   return e
 
 

@@ -26,6 +26,7 @@ from ml_collections import config_flags
 
 from rsicrc_jax import cli
 from rsicrc_jax import evaluators
+from rsicrc_jax import metrics
 from rsicrc_jax import model_io
 from rsicrc_jax.data import captions as cap
 from rsicrc_jax.data import pipeline
@@ -115,9 +116,11 @@ def evaluate(config, checkpoint: str, *, out_dir: str | None = None,
   run = evaluators.run_model(model, dataset, e.split, config, batch_size=e.batch_size,
                              beam_size=e.beam_size, length_penalty=e.length_penalty,
                              max_pairs=e.max_pairs, progress=progress)
-  results, notes = evaluators.score(run, config.loss, meteor=e.meteor)
+  protocol = e.caption_protocol
+  results, notes = evaluators.score(run, config.loss, meteor=e.meteor, protocol=protocol)
   report = {'checkpoint': os.path.abspath(checkpoint), 'split': e.split,
             'decoding': {'beam_size': e.beam_size, 'length_penalty': e.length_penalty},
+            'caption_protocol': protocol,
             'results': results, 'notes': notes}
   with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
     json.dump(report, f, indent=2)
@@ -148,6 +151,9 @@ def eval_settings(config) -> ml_collections.ConfigDict:
   if settings.beam_size < 1 or settings.batch_size < 1:
     raise ValueError(f'config.eval.beam_size and config.eval.batch_size: expected >= 1, got '
                      f'{settings.beam_size} and {settings.batch_size}')
+  if settings.caption_protocol not in metrics.CAPTION_PROTOCOLS:
+    raise ValueError(f'config.eval.caption_protocol: expected one of '
+                     f'{list(metrics.CAPTION_PROTOCOLS)}, got {settings.caption_protocol!r}')
   return settings
 
 

@@ -126,24 +126,32 @@ def _subsets(run) -> Iterable[tuple[str, np.ndarray]]:
     yield name, np.flatnonzero(sel)
 
 
-def caption_scores(run, *, meteor: bool = True) -> tuple[dict, list[str]]:
-  """{subset: {'pairs', 'captioning': {BLEU-1.., CIDEr-D}}} and notes (e.g. METEOR skipped)."""
+def caption_scores(run, *, meteor: bool = True,
+                   protocol: str = 'reference') -> tuple[dict, list[str]]:
+  """{subset: {'pairs', 'captioning': {BLEU-1.., CIDEr-D}}} and notes (e.g. METEOR skipped),
+  scored under `protocol` (metrics.CAPTION_PROTOCOLS)."""
   results, notes = {}, []
   for name, idx in _subsets(run):
     if not len(idx):
       notes.append(f'{name}: no pairs')
       continue
     scores, more = metrics.caption_metrics([run['hypothesis'][i] for i in idx],
-                                           [run['references'][i] for i in idx], meteor=meteor)
+                                           [run['references'][i] for i in idx], meteor=meteor,
+                                           protocol=protocol)
     notes += [n for n in more if n not in notes]
     results[name] = {'pairs': int(len(idx)), 'captioning': scores}
   return results, notes
 
 
 def retrieval_scores(run, loss_cfg) -> dict:
-  """{subset: {'pairs', 'text_to_pair': P/R/MRR@k, 'pair_to_text': R@k}} (SPEC section 8).
-  Text -> pair: relevant = same changeflag or the same caption (as the loss's false negatives);
-  pair -> text over every caption of the subset's pairs, relevant likewise."""
+  """{subset: {'pairs', 'text_to_pair': P/R/MRR@k, 'pair_to_text': R@k, 'text_to_pair_hit':
+  R@k, 'mR'}}.
+
+  text_to_pair is the reference's (SPEC section 8): one query per pair (its first caption),
+  relevant = same changeflag or the same caption (as the loss's false negatives). The hit rates
+  are the literature's (SPEC section 13): pair -> text over every caption of the subset's pairs,
+  and every one of those captions as a query against the pairs, relevant likewise; mR is the
+  mean of both directions' R@1, R@5, R@10."""
   caption_emb = run['caption_emb'] if len(run['caption_emb']) else None
   same = np.asarray(losses.false_negative_mask(
       None if caption_emb is None else jnp.asarray(caption_emb),
@@ -160,14 +168,17 @@ def retrieval_scores(run, loss_cfg) -> dict:
     cap_ids = run['all_caption_ids'][idx].reshape(-1)
     rel_i2t = (run['flag'][idx][:, None] == cap_flags[None, :]) | (
         run['all_caption_ids'][idx][:, :, None] == cap_ids[None, None, :]).any(axis=1)
-    i2t = metrics.image_to_text_recall(run['visual'][idx], all_text, rel_i2t)
-    results[name] = {'pairs': int(len(idx)), 'text_to_pair': t2p, 'pair_to_text': i2t}
+    i2t = metrics.hit_rate(run['visual'][idx], all_text, rel_i2t)
+    t2p_hit = metrics.hit_rate(all_text, run['visual'][idx], rel_i2t.T)
+    results[name] = {'pairs': int(len(idx)), 'text_to_pair': t2p, 'pair_to_text': i2t,
+                     'text_to_pair_hit': t2p_hit, 'mR': metrics.mean_recall(t2p_hit, i2t)}
   return results
 
 
-def score(run, loss_cfg, *, meteor: bool = True) -> tuple[dict, list[str]]:
+def score(run, loss_cfg, *, meteor: bool = True,
+          protocol: str = 'reference') -> tuple[dict, list[str]]:
   """Captioning and retrieval, per subset, as eval's metrics.json holds them."""
-  caps, notes = caption_scores(run, meteor=meteor)
+  caps, notes = caption_scores(run, meteor=meteor, protocol=protocol)
   results = {}
   for name, r in retrieval_scores(run, loss_cfg).items():
     results[name] = {**r, **caps.get(name, {})}
@@ -193,9 +204,15 @@ def markdown_table(results: dict) -> str:
     for m in ('P', 'R', 'MRR'):
       lines.append(f'| {m} | ' + ' | '.join(f'{t2p[f"{m}@{k}"]:.4f}' for k in metrics.AT_K)
                    + ' |')
-    i2t = r['pair_to_text']
-    lines.append('| pair -> text R | ' + ' | '.join(f'{i2t[f"R@{k}"]:.4f}'
-                                                   for k in metrics.AT_K) + ' |\n')
+    lines.append('')
+    lines.append('| hit rate (literature) | ' + ' | '.join(f'R@{k}' for k in metrics.AT_K)
+                 + ' | mR |')
+    lines.append('| --- |' + ' --- |' * (len(metrics.AT_K) + 1))
+    for label, key, last in (('caption -> pair', 'text_to_pair_hit', f'{r["mR"]:.4f}'),
+                             ('pair -> caption', 'pair_to_text', '')):
+      lines.append(f'| {label} | ' + ' | '.join(f'{r[key][f"R@{k}"]:.4f}' for k in metrics.AT_K)
+                   + f' | {last} |')
+    lines.append('')
   return '\n'.join(lines)
 
 
@@ -207,7 +224,7 @@ _FIELDS = {
     'loss': _COMMON,
     'retrieval': {**_COMMON, 'max_pairs': int},
     'caption': {**_COMMON, 'max_pairs': int, 'beam_size': int, 'length_penalty': float,
-                'meteor': bool},
+                'meteor': bool, 'caption_protocol': str},
 }
 
 
@@ -297,8 +314,9 @@ class RetrievalEvaluator(_ModelEvaluator):
     for subset in SUBSETS:
       names += [_name(self.prefix, 'retrieval', subset, f'{m}@{k}')
                 for m in ('P', 'R', 'MRR') for k in metrics.AT_K]
-      names += [_name(self.prefix, 'retrieval', subset, f'pair_to_text/R@{k}')
-                for k in metrics.AT_K]
+      names += [_name(self.prefix, 'retrieval', subset, f'{d}/R@{k}')
+                for d in ('pair_to_text', 'text_to_pair_hit') for k in metrics.AT_K]
+      names.append(_name(self.prefix, 'retrieval', subset, 'mR'))
     return names
 
   def run(self, state):
@@ -306,8 +324,10 @@ class RetrievalEvaluator(_ModelEvaluator):
     for subset, r in retrieval_scores(self._run_model(state), self.config.loss).items():
       out.update({_name(self.prefix, 'retrieval', subset, k): v
                   for k, v in r['text_to_pair'].items()})
-      out.update({_name(self.prefix, 'retrieval', subset, f'pair_to_text/{k}'): v
-                  for k, v in r['pair_to_text'].items()})
+      for d in ('pair_to_text', 'text_to_pair_hit'):
+        out.update({_name(self.prefix, 'retrieval', subset, f'{d}/{k}'): v
+                    for k, v in r[d].items()})
+      out[_name(self.prefix, 'retrieval', subset, 'mR')] = r['mR']
     return out
 
 
@@ -321,7 +341,8 @@ class CaptionEvaluator(_ModelEvaluator):
             for m in CAPTION_METRICS]
 
   def run(self, state):
-    results, _ = caption_scores(self._run_model(state), meteor=self.entry.get('meteor', False))
+    results, _ = caption_scores(self._run_model(state), meteor=self.entry.get('meteor', False),
+                                protocol=self.entry.get('caption_protocol', 'reference'))
     return {_name(self.prefix, 'caption', subset, k): v
             for subset, r in results.items() for k, v in r['captioning'].items()}
 
@@ -343,6 +364,9 @@ def check_entry(name: str, entry) -> None:
       raise ValueError(f'config.evals.{name}.{key}: expected >= 0, got {entry[key]}')
   if entry.get('beam_size', 1) < 1:
     raise ValueError(f'config.evals.{name}.beam_size: expected >= 1, got {entry["beam_size"]}')
+  if entry.get('caption_protocol', 'reference') not in metrics.CAPTION_PROTOCOLS:
+    raise ValueError(f'config.evals.{name}.caption_protocol: expected one of '
+                     f'{list(metrics.CAPTION_PROTOCOLS)}, got {entry["caption_protocol"]!r}')
 
 
 def from_config(config, dataset, **kwargs) -> list[Evaluator]:

@@ -6,11 +6,28 @@ Pure functions of arrays and strings; no I/O besides pycocoevalcap's own METEOR 
 from __future__ import annotations
 
 import shutil
+import string
 from typing import Sequence
 
 import numpy as np
 
 AT_K = (1, 3, 5, 10)
+LITERATURE_K = (1, 5, 10)  # the RS cross-modal retrieval papers' R@k (SPEC section 13)
+
+# How captions are scored (SPEC section 12): 'reference' as the RSICRC code does (raw text, the
+# final " ." counts as a token); 'chg2cap' as most published LEVIR-CC tables (lowercased,
+# punctuation stripped from hypotheses and references alike).
+CAPTION_PROTOCOLS = ('reference', 'chg2cap')
+_PUNCTUATION = str.maketrans({c: ' ' for c in string.punctuation})
+
+
+def normalise_caption(text: str, protocol: str = 'reference') -> str:
+  """A caption as `protocol` scores it."""
+  if protocol == 'reference':
+    return text
+  if protocol == 'chg2cap':
+    return ' '.join(text.lower().translate(_PUNCTUATION).split())
+  raise ValueError(f'caption protocol {protocol!r}: expected one of {list(CAPTION_PROTOCOLS)}')
 
 
 def java_available() -> bool:
@@ -18,18 +35,20 @@ def java_available() -> bool:
 
 
 def caption_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]], *,
-                    meteor: bool = True) -> tuple[dict[str, float], list[str]]:
+                    meteor: bool = True,
+                    protocol: str = 'reference') -> tuple[dict[str, float], list[str]]:
   """BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (coco-caption definitions) of one hypothesis per
-  item against its references, as the reference computes them (strings split on whitespace, no
-  extra tokenisation). Returns (scores, notes); a note says why METEOR is missing, if it is."""
+  item against its references, strings split on whitespace after `normalise_caption(protocol)`
+  ('reference': as the RSICRC code, no change). Returns (scores, notes); a note says why METEOR
+  is missing, if it is."""
   from pycocoevalcap.bleu.bleu import Bleu  # pylint: disable=import-outside-toplevel
   from pycocoevalcap.cider.cider import Cider  # pylint: disable=import-outside-toplevel
   from pycocoevalcap.rouge.rouge import Rouge  # pylint: disable=import-outside-toplevel
   if len(hypotheses) != len(references) or not hypotheses:
     raise ValueError(f'need one hypothesis per item: {len(hypotheses)} hypotheses, '
                      f'{len(references)} reference sets')
-  res = {i: [h] for i, h in enumerate(hypotheses)}
-  gts = {i: list(r) for i, r in enumerate(references)}
+  res = {i: [normalise_caption(h, protocol)] for i, h in enumerate(hypotheses)}
+  gts = {i: [normalise_caption(t, protocol) for t in r] for i, r in enumerate(references)}
   scores, notes = {}, []
   bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
   scores.update({f'BLEU-{n + 1}': float(b) for n, b in enumerate(bleu)})
@@ -78,15 +97,21 @@ def relevance(flags: np.ndarray, same_caption: np.ndarray) -> np.ndarray:
   return (flags[:, None] == flags[None, :]) | same_caption
 
 
-def image_to_text_recall(visual_emb: np.ndarray, caption_emb: np.ndarray, relevant: np.ndarray,
-                         ks: Sequence[int] = AT_K) -> dict[str, float]:
-  """Pair-to-caption retrieval (the reference lacks it): query = a pair's visual embedding,
-  index = every caption of the split; R@k = share of pairs with a relevant caption in the top k.
-  relevant: (N, M) bool over the M captions."""
-  scores = _normalize(visual_emb) @ _normalize(caption_emb).T
+def hit_rate(query_emb: np.ndarray, index_emb: np.ndarray, relevant: np.ndarray,
+             ks: Sequence[int] = AT_K) -> dict[str, float]:
+  """R@k as the remote-sensing retrieval literature reports it (SPEC section 13): the share of
+  queries with at least one relevant item in the top k (cosine ranking). relevant: (Q, M) bool.
+  Pair -> caption (the reference lacks it) and caption -> pair are both this."""
+  scores = _normalize(query_emb) @ _normalize(index_emb).T
   order = np.argsort(-scores, axis=1, kind='stable')
   hits = np.take_along_axis(relevant, order, axis=1)
   return {f'R@{k}': float(np.mean(hits[:, :k].any(axis=1))) for k in ks}
+
+
+def mean_recall(text_to_pair: dict[str, float], pair_to_text: dict[str, float]) -> float:
+  """mR: the mean of the hit rates R@1, R@5, R@10 in both directions (six numbers)."""
+  return float(np.mean([d[f'R@{k}'] for d in (text_to_pair, pair_to_text)
+                        for k in LITERATURE_K]))
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:

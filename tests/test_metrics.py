@@ -103,5 +103,54 @@ def test_pair_to_text_recall_by_hand():
   visual = np.array([[1.0, 0.0], [0.0, 1.0]])
   captions = np.array([[0.9, 0.1], [0.1, 0.9], [0.7, 0.7]])
   relevant = np.array([[False, False, True], [False, True, False]])
-  got = metrics.image_to_text_recall(visual, captions, relevant, ks=(1, 2))
+  got = metrics.hit_rate(visual, captions, relevant, ks=(1, 2))
   assert got == {'R@1': 0.5, 'R@2': 1.0}  # pair 0: caption 2 is ranked second
+
+
+def test_literature_hit_rates_differ_from_the_references_recall_by_hand():
+  """The same queries as test_retrieval_by_hand: the hit rate counts query 1 (two relevant
+  pairs, one in the top 1) as a hit, the reference's R@1 as half a hit."""
+  visual = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+  text = np.array([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+  rel = metrics.relevance(np.array([5, -1, -1]), np.eye(3, dtype=bool))
+  hits = metrics.hit_rate(text, visual, rel, ks=(1, 2, 3))
+  assert hits == pytest.approx({'R@1': 1 / 3, 'R@2': 2 / 3, 'R@3': 1.0})
+  assert metrics.retrieval_metrics(text, visual, rel, ks=(1,))['R@1'] == pytest.approx(1 / 6)
+  # Pair -> text over the same embeddings (relevant texts: pair 0 {0}, pairs 1 and 2 {1, 2}):
+  # pair 0 ranks text 2 (1.0) before 0 and 1 (tied at 0: the stable order keeps 0 first);
+  # pairs 1 and 2 rank texts 0 and 1 (tied) first: every top 1 misses, every top 2 hits.
+  p2t = metrics.hit_rate(visual, text, rel.T, ks=(1, 2, 5))
+  assert p2t == pytest.approx({'R@1': 0.0, 'R@2': 1.0, 'R@5': 1.0})
+  t2p = {'R@1': 0.1, 'R@5': 0.2, 'R@10': 0.3}
+  assert metrics.mean_recall(t2p, {'R@1': 0.4, 'R@5': 0.5, 'R@10': 0.6, 'R@3': 9.0}) == (
+      pytest.approx(0.35))  # R@3 is not one of the six
+
+
+def test_caption_protocols_differ_and_each_is_pycocoevalcap():
+  """'reference' scores the raw text (the final ' .' is a token the decoder never writes),
+  'chg2cap' strips punctuation and case first; each equals pycocoevalcap on those strings."""
+  from pycocoevalcap.bleu.bleu import Bleu  # pylint: disable=import-outside-toplevel
+  from pycocoevalcap.cider.cider import Cider  # pylint: disable=import-outside-toplevel
+  hyps = ['a house is built on the bareland', 'there is no difference']
+  refs = [['a house is built on the bareland .', 'A house is built on the bare land .',
+           'one building appears , replacing the trees .'],
+          ['there is no difference .', 'the two scenes seem identical .', 'nothing has changed .']]
+  stripped = [['a house is built on the bareland', 'a house is built on the bare land',
+               'one building appears replacing the trees'],
+              ['there is no difference', 'the two scenes seem identical', 'nothing has changed']]
+  got = {p: metrics.caption_metrics(hyps, refs, meteor=False, protocol=p)[0]
+         for p in metrics.CAPTION_PROTOCOLS}
+  for protocol, gts in (('reference', refs), ('chg2cap', stripped)):
+    gts_d = {i: r for i, r in enumerate(gts)}
+    res_d = {i: [h] for i, h in enumerate(hyps)}
+    bleu, _ = Bleu(4).compute_score(gts_d, res_d, verbose=0)
+    assert got[protocol]['BLEU-4'] == pytest.approx(bleu[3], abs=1e-12)
+    assert got[protocol]['CIDEr-D'] == pytest.approx(Cider().compute_score(gts_d, res_d)[0],
+                                                     abs=1e-12)
+  # Exact matches once the ' .' is gone: chg2cap's BLEU-4 is 1, the reference's below it.
+  assert got['chg2cap']['BLEU-4'] == pytest.approx(1.0, abs=1e-6)
+  assert got['reference']['BLEU-4'] < 0.95  # 0.913: the brevity penalty of the missing ' .'
+  assert metrics.normalise_caption('Houses, roads and trees.', 'chg2cap') == (
+      'houses roads and trees')
+  with pytest.raises(ValueError, match=r"caption protocol 'coco': expected one of"):
+    metrics.normalise_caption('x', 'coco')

@@ -576,6 +576,11 @@ def test_eval_command_on_the_trained_run(baseline, data_dir, tmp_path):
   assert {'BLEU-1', 'BLEU-4', 'ROUGE-L', 'CIDEr-D'} <= set(allp['captioning'])
   assert set(allp['text_to_pair']) == {f'{m}@{k}' for m in ('P', 'R', 'MRR')
                                       for k in (1, 3, 5, 10)}
+  # The literature's hit rates both ways and their mean (SPEC section 13).
+  six = [allp[d][f'R@{k}'] for d in ('text_to_pair_hit', 'pair_to_text') for k in (1, 5, 10)]
+  assert allp['mR'] == pytest.approx(np.mean(six))
+  assert report['caption_protocol'] == 'reference'
+  assert '| caption -> pair |' in out.stdout
   assert 0 < report['results']['changed']['pairs'] < 12
   lines = [json.loads(l) for l in open(out_dir / 'captions.jsonl')]
   assert len(lines) == 12 and all(len(l['references']) == 5 for l in lines)
