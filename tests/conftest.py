@@ -1,7 +1,17 @@
 import json
 import os
+import shutil
+import tempfile
 
-import jax
+# One persistent XLA compilation cache per test session, inherited by every process the tests
+# start: the same tiny train step, evaluator and decoder programs are otherwise compiled again by
+# each training run the resume, preemption and multi-process tests launch. A cache hit is the same
+# executable, so nothing a test compares changes. Set JAX_COMPILATION_CACHE_DIR to keep your own.
+_OWN_CACHE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
+if _OWN_CACHE:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='rsicrc_jax_xla_cache_')
+
+import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,7 +19,15 @@ import pytest
 # Parity is checked in float32 at full matmul precision (XLA:CPU's default, but be explicit).
 jax.config.update('jax_default_matmul_precision', 'highest')
 
+jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 
 @pytest.fixture(scope='session')
