@@ -193,8 +193,9 @@ def captioning(model_cfg, pairs: int, batch: int, dtype: str = '') -> dict[str, 
   a, b = _random_pairs(pairs, model_cfg.image_size)
 
   def run(idx):
-    na = pipeline.normalize_images(jnp.asarray(a[idx]))  # as eval does: the model casts
-    nb = pipeline.normalize_images(jnp.asarray(b[idx]))
+    # as eval does: the model casts
+    na = pipeline.normalize_images(jnp.asarray(a[idx]), normalization=model.normalization)
+    nb = pipeline.normalize_images(jnp.asarray(b[idx]), normalization=model.normalization)
     return np.asarray(decoding.greedy_decode_cached(model, na, nb)[0])
 
   compile_s, dt, outputs = _timed_batches(run, pairs, batch)

@@ -3,8 +3,9 @@
 Usage: python launch.py --config configs/levir.py --workdir DIR [--config.batch_size=64 ...]
 
 Variants of the paper's ablations, comma-separated after a colon (combinable):
-  configs/levir.py:backbone=ViT-B-32   the image tower and its reference sizes (RN50, ViT-B-32,
-                                       ViT-B-16, ViT-L-14, ViT-H-14)
+  configs/levir.py:backbone=ViT-B-32   the image tower, its reference sizes and preprocessing
+                                       (RN50, ViT-B-32, ViT-B-16, ViT-L-14, ViT-H-14, resnet50,
+                                       resnet101)
   configs/levir.py:fna_off             false negatives removed but not attracted (FNE only)
   configs/levir.py:no_fne              neither removed nor attracted
   configs/levir.py:caption_only        captioning loss only (lambda 0)
@@ -33,6 +34,8 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.vit_quick_gelu = False  # exact GELU, as the reference's open_clip towers
   m.image_size = 224
   m.pos_table_size = 7  # rows of the encoder position tables (the feature-map side)
+  # Input normalisation: 'clip' (RemoteCLIP towers) or 'imagenet' (torchvision ResNets).
+  m.normalization = 'clip'
   # Bi-temporal encoder.
   m.d_model = 2048
   m.encoder_layers = 3

@@ -61,6 +61,7 @@ RULES = (
     ('sharding.num_devices', _nonneg_int, 'an integer >= 0 (0 = all devices)'),
     ('model.backbone', lambda v: v in _backbone_names(), 'one of ' + ', '.join(
         _backbone_names())),
+    ('model.normalization', lambda v: v in ('clip', 'imagenet'), "'clip' or 'imagenet'"),
     ('model.vit_width', _positive_int, 'a positive integer'),
     ('model.vit_layers', _positive_int, 'a positive integer'),
     ('model.vit_heads', _positive_int, 'a positive integer'),

@@ -8,6 +8,9 @@ r"""Convert PyTorch weights into what rsicrc_jax trains and evaluates from.
       backbone arrays (.npz, '/'-joined leaf names), which config.init.backbone loads.
       For a ViT tower name its config: RemoteCLIP-ViT-B-32.pt --config configs/levir.py:backbone=ViT-B-32
       (ViT-L-14 likewise); a checkpoint of the other family is refused with what it holds.
+  python -m rsicrc_jax.convert torchvision resnet50-0676ba61.pth --out r50.npz \
+      --config configs/levir.py:backbone=resnet50
+      A torchvision ResNet-50/101 state_dict (ImageNet weights) -> backbone arrays, likewise.
 
 CKPT may be a PyTorch file (needs the `torch` extra) or a .npz of the state_dict's arrays.
 Config fields can be overridden: --config.model.vocab_size=500. Nothing is written to --out
@@ -34,7 +37,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config fil
 _OUT = flags.DEFINE_string('out', None, 'Output directory (rsicrc) or .npz file (remoteclip).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing --out.')
 
-USAGE = 'usage: python -m rsicrc_jax.convert {rsicrc,remoteclip} CKPT --out OUT [--config FILE]'
+USAGE = ('usage: python -m rsicrc_jax.convert {rsicrc,remoteclip,torchvision} CKPT --out OUT '
+         '[--config FILE]')
 
 
 def convert_rsicrc(ckpt: str, config, out: str, overwrite: bool = False) -> RSICRC:
@@ -48,13 +52,18 @@ def convert_rsicrc(ckpt: str, config, out: str, overwrite: bool = False) -> RSIC
   return model
 
 
-def convert_remoteclip(ckpt: str, config, out: str, overwrite: bool = False) -> dict:
+def convert_remoteclip(ckpt: str, config, out: str, overwrite: bool = False,
+                       kind: str = 'remoteclip') -> dict:
+  """A pretrained tower (OpenCLIP file, or torchvision file with kind='torchvision') -> the
+  .npz of backbone arrays that config.init.backbone loads."""
   if not out.endswith('.npz'):
     raise ValueError(f'--out {out}: expected a .npz file name')
   state = weights.load_torch_state_dict(ckpt)
   backbone = nnx.eval_shape(lambda: backbones.build(config.model, rngs=nnx.Rngs(0)))
+  load = (weights.import_torchvision_backbone if kind == 'torchvision'
+          else weights.import_openclip_backbone)
   try:
-    weights.import_openclip_backbone(backbone, state)
+    load(backbone, state)
   except weights.CheckpointError as e:
     raise weights.CheckpointError(f'{ckpt}: {e}') from e
   arrays = weights.flat_arrays(backbone)
@@ -65,7 +74,7 @@ def convert_remoteclip(ckpt: str, config, out: str, overwrite: bool = False) -> 
 
 
 def main(argv):
-  if len(argv) != 3 or argv[1] not in ('rsicrc', 'remoteclip'):
+  if len(argv) != 3 or argv[1] not in ('rsicrc', 'remoteclip', 'torchvision'):
     raise app.UsageError(USAGE)
   if not _OUT.value:
     raise app.UsageError('--out is required. ' + USAGE)
@@ -74,7 +83,7 @@ def main(argv):
   if kind == 'rsicrc':  # failures: one line and exit 1 (cli.run)
     convert_rsicrc(ckpt, config, _OUT.value, _OVERWRITE.value)
   else:
-    convert_remoteclip(ckpt, config, _OUT.value, _OVERWRITE.value)
+    convert_remoteclip(ckpt, config, _OUT.value, _OVERWRITE.value, kind=kind)
   print(f'wrote {_OUT.value}')
   return 0
 

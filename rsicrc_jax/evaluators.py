@@ -46,7 +46,8 @@ TYPES = ('loss', 'retrieval', 'caption')
 def embed_pairs(graphdef, state, image_a, image_b, tokens):
   """(uint8 images a, b (B, H, W, 3), tokens (B, L)) -> visual_emb, text_emb (B, C), eval mode."""
   m = nnx.merge(graphdef, state)
-  a, b = pipeline.normalize_images(image_a), pipeline.normalize_images(image_b)
+  a = pipeline.normalize_images(image_a, normalization=m.normalization)
+  b = pipeline.normalize_images(image_b, normalization=m.normalization)
   visual_emb, _ = m.encode_images(a, b)
   return visual_emb, m.encode_text(tokens, tokens == cap.PAD)
 
@@ -101,7 +102,8 @@ def run_model(model, dataset: pipeline.Dataset, split: str, config, *, batch_siz
     out['filename'] += [str(b['filename'][i]) for i in keep]
     out['references'] += [[str(r) for r in b['references'][i]] for i in keep]
     if decode:
-      na, nb = pipeline.normalize_images(a), pipeline.normalize_images(bb)
+      na = pipeline.normalize_images(a, normalization=model.normalization)
+      nb = pipeline.normalize_images(bb, normalization=model.normalization)
       if beam_size > 1:
         tokens, _, _ = decoding.beam_search(model, na, nb, beam_size=beam_size,
                                             length_penalty=length_penalty)

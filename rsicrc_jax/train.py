@@ -45,8 +45,8 @@ def compute_losses(model: RSICRC, batch: Mapping[str, jax.Array], loss_cfg, dtyp
   tokens = batch['tokens']
   valid = batch.get('valid')
   pad_mask = tokens == cap.PAD
-  img_a = pipeline.normalize_images(batch['image_a'], dtype)
-  img_b = pipeline.normalize_images(batch['image_b'], dtype)
+  img_a = pipeline.normalize_images(batch['image_a'], dtype, model.normalization)
+  img_b = pipeline.normalize_images(batch['image_b'], dtype, model.normalization)
   out = model(img_a, img_b, tokens, pad_mask)
   caption_mask = pad_mask if valid is None else pad_mask | ~valid[:, None]
   cap_loss = losses.caption_loss(out.logits.astype(jnp.float32), tokens, caption_mask)

@@ -94,8 +94,7 @@ def create_model(config: ml_collections.ConfigDict) -> RSICRC:
         with np.load(backbone) as f:
           weights.load_flat_arrays(model.encoder.backbone, dict(f), backbone)
       else:
-        weights.import_openclip_backbone(model.encoder.backbone,
-                                         weights.load_torch_state_dict(backbone))
+        weights.import_backbone(model.encoder.backbone, weights.load_torch_state_dict(backbone))
   nnx.reseed(model, dropout=config.seed, default=config.seed)
   return model
 

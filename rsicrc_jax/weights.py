@@ -21,6 +21,8 @@ from flax import nnx
 
 from rsicrc_jax.models import backbone as backbones
 from rsicrc_jax.models.decoder import sinusoidal_positions
+from rsicrc_jax.models.modified_resnet import ModifiedResNet
+from rsicrc_jax.models.resnet import ResNet
 from rsicrc_jax.models.vit import VisionTransformer
 
 Array = np.ndarray
@@ -89,8 +91,11 @@ def load_torch_state_dict(path: str) -> dict[str, Array]:
 
 # ----------------------------------------------------------------------------- name mapping
 
+# In an RSICRC checkpoint the backbone is `nn.Sequential(*children)`: children by index.
 _RSICRC_STEM_INDEX = {'conv1': 0, 'bn1': 1, 'conv2': 3, 'bn2': 4, 'conv3': 6, 'bn3': 7,
                       'layer1': 10, 'layer2': 11, 'layer3': 12, 'layer4': 13}
+_RSICRC_TORCHVISION_INDEX = {'conv1': 0, 'bn1': 1, 'layer1': 4, 'layer2': 5, 'layer3': 6,
+                             'layer4': 7}
 _BN_LEAF = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var'}
 _LINEAR_LEAF = {'kernel': 'weight', 'bias': 'bias', 'scale': 'weight', 'embedding': 'weight'}
 _MHA_SLOT = {'query': 0, 'key': 1, 'value': 2}
@@ -100,11 +105,13 @@ def _leaf(name: str) -> str:
   return _BN_LEAF.get(name) or _LINEAR_LEAF[name]
 
 
-def _backbone_key(parts: list[str], prefix: str, rsicrc_layout: bool) -> str:
-  """['layer2', '0', 'downsample_bn', 'mean'] -> '<prefix>layer2.0.downsample.1.running_mean'."""
+def _backbone_key(parts: list[str], prefix: str, index: Mapping[str, int] | None = None) -> str:
+  """['layer2', '0', 'downsample_bn', 'mean'] -> '<prefix>layer2.0.downsample.1.running_mean'
+  (a CLIP ModifiedResNet or a torchvision ResNet); with `index`, children are numbered (the
+  RSICRC checkpoint layout: layer2 -> 11 or 5)."""
   head, rest = parts[0], parts[1:]
-  if rsicrc_layout:
-    head = str(_RSICRC_STEM_INDEX[head])
+  if index is not None:
+    head = str(index[head])
   if len(rest) == 1:  # stem conv/bn
     return f'{prefix}{head}.{_leaf(rest[0])}'
   block, module, leaf = rest
@@ -144,9 +151,11 @@ def rsicrc_torch_key(path: tuple[str, ...], backbone: str = 'RN50') -> tuple[str
   model whose config.model.backbone is `backbone`."""
   p = list(path)
   if p[:2] == ['encoder', 'backbone']:
-    if _is_vit(backbone):
+    tower = backbones.family(backbone)
+    if tower is VisionTransformer:
       return _vit_key(p[2:], 'encoder.encoder.net.')
-    return _backbone_key(p[2:], 'encoder.encoder.net.', rsicrc_layout=True), None
+    index = _RSICRC_TORCHVISION_INDEX if tower is ResNet else _RSICRC_STEM_INDEX
+    return _backbone_key(p[2:], 'encoder.encoder.net.', index), None
   if p[0] == 'encoder':
     name = p[1]
     if name == 'proj':
@@ -188,7 +197,12 @@ def rsicrc_torch_key(path: tuple[str, ...], backbone: str = 'RN50') -> tuple[str
 
 def openclip_backbone_key(path: tuple[str, ...]) -> tuple[str, int | None]:
   """Path of a leaf in `nnx.state(ModifiedResNet)` -> (OpenCLIP key, None)."""
-  return _backbone_key(list(path), 'visual.', rsicrc_layout=False), None
+  return _backbone_key(list(path), 'visual.'), None
+
+
+def torchvision_backbone_key(path: tuple[str, ...]) -> tuple[str, int | None]:
+  """Path of a leaf in `nnx.state(ResNet)` -> (torchvision key, None)."""
+  return _backbone_key(list(path), ''), None
 
 
 def openclip_vit_key(path: tuple[str, ...]) -> tuple[str, int | None]:
@@ -196,33 +210,55 @@ def openclip_vit_key(path: tuple[str, ...]) -> tuple[str, int | None]:
   return _vit_key(list(path), 'visual.')
 
 
-def describe_tower(state_dict: Mapping[str, Array], prefix: str) -> str:
-  """What image tower the tensors under `prefix` hold, for messages: 'an OpenCLIP ViT (width
-  768, 12 layers, patch 32, 224 px)', 'a ModifiedResNet (RN50 layout)' or ''."""
+def _tower(state_dict: Mapping[str, Array], prefix: str) -> tuple[type | None, str]:
+  """Which image tower the tensors under `prefix` hold: (family, description), e.g.
+  (VisionTransformer, 'an OpenCLIP ViT (width 768, 12 layers, patch 32, 224 px)'), or
+  (None, '') when the keys say nothing clear."""
   conv = state_dict.get(prefix + 'conv1.weight')
+  if conv is None:
+    conv = state_dict.get(prefix + '0.weight')  # the RSICRC layout of both ResNets
+  if conv is None or np.ndim(conv) != 4:
+    return None, ''
   blocks = {k[len(prefix):].split('.')[2] for k in state_dict
             if k.startswith(prefix + 'transformer.resblocks.')}
-  if conv is not None and np.ndim(conv) == 4 and blocks:
+  if blocks:
     pos = state_dict.get(prefix + 'positional_embedding')
     px = ''
     if pos is not None and np.ndim(pos) == 2:
       px = f', {int(round((pos.shape[0] - 1) ** 0.5)) * conv.shape[2]} px'
-    return (f'an OpenCLIP ViT (width {conv.shape[0]}, {len(blocks)} layers, patch {conv.shape[2]}'
-            f'{px})')
-  if any(k.startswith((prefix + 'layer1.', prefix + '10.')) for k in state_dict):
-    return 'a ModifiedResNet (RN50 layout)'
-  return ''
+    return VisionTransformer, (f'an OpenCLIP ViT (width {conv.shape[0]}, {len(blocks)} layers, '
+                               f'patch {conv.shape[2]}{px})')
+  if conv.shape[2:] == (7, 7):
+    layer3 = {k[len(prefix):].split('.')[1] for k in state_dict
+              if k.startswith((prefix + 'layer3.', prefix + '6.'))}
+    return ResNet, f'a torchvision ResNet ({len(layer3)} blocks in layer3)'
+  if conv.shape[2:] == (3, 3):
+    return ModifiedResNet, 'a CLIP ModifiedResNet (RN50 layout)'
+  return None, ''
 
 
-def _check_tower_family(state_dict: Mapping[str, Array], prefix: str, backbone: str) -> None:
-  """A ViT checkpoint for an RN50 config (or the reverse) is named as such, not as 200 keys."""
-  found = describe_tower(state_dict, prefix)
-  if found and found.startswith('an OpenCLIP ViT') != _is_vit(backbone):
-    hint = ('configs/levir.py:backbone=ViT-B-32 (or set config.model.backbone and the vit_* '
-            'fields)' if not _is_vit(backbone) else 'config.model.backbone=RN50')
-    raise CheckpointError(f'the checkpoint\'s image tower is {found}, but '
-                          f'config.model.backbone={backbone!r} builds '
-                          f'{"a ViT" if _is_vit(backbone) else "a ModifiedResNet"}; use {hint}')
+def describe_tower(state_dict: Mapping[str, Array], prefix: str) -> str:
+  """What image tower the tensors under `prefix` hold, for messages ('' when unclear)."""
+  return _tower(state_dict, prefix)[1]
+
+
+_FAMILY_HINT = {VisionTransformer: 'configs/levir.py:backbone=ViT-B-32 (or set '
+                                   'config.model.backbone and the vit_* fields)',
+                ResNet: 'configs/levir.py:backbone=resnet50 (or resnet101)',
+                ModifiedResNet: 'configs/levir.py:backbone=RN50'}
+_FAMILY_NAME = {VisionTransformer: 'an OpenCLIP ViT', ResNet: 'a torchvision ResNet',
+                ModifiedResNet: 'a CLIP ModifiedResNet'}
+
+
+def _check_tower_family(state_dict: Mapping[str, Array], prefix: str, expected: type,
+                        name: str = '') -> None:
+  """A ViT checkpoint for an RN50 config (or any other mix) is named as such, not as 200 keys;
+  `name`: the config.model.backbone that built `expected`, when known."""
+  found, what = _tower(state_dict, prefix)
+  if found is not None and found is not expected:
+    field = f'config.model.backbone={name!r}' if name else 'config.model.backbone'
+    raise CheckpointError(f'the checkpoint\'s image tower is {what}, but {field} builds '
+                          f'{_FAMILY_NAME[expected]}; use {_FAMILY_HINT[found]}')
 
 
 def torch_naming(backbone: str = 'RN50') -> dict:
@@ -321,7 +357,8 @@ def import_rsicrc(model: nnx.Module, state_dict: Mapping[str, Array], *,
   `value_from_key` (shape-checked); `lm_head.weight` when embeddings are tied (must equal
   `tokens_embed.weight`).
   """
-  _check_tower_family(state_dict, 'encoder.encoder.net.', model.backbone_name)
+  _check_tower_family(state_dict, 'encoder.encoder.net.', backbones.family(model.backbone_name),
+                      model.backbone_name)
   vit = _is_vit(model.backbone_name)
   cfg_tied = model.decoder.tie_embeddings
   value_from_key = all(layer.shared.att.to_v is None for layer in model.encoder.attentive.layers)
@@ -382,13 +419,37 @@ def import_openclip_backbone(backbone: nnx.Module, state_dict: Mapping[str, Arra
   if not any(k.startswith('visual.') for k in state_dict):
     raise CheckpointError('no "visual.*" tensors: not an OpenCLIP state_dict')
   vit = isinstance(backbone, VisionTransformer)
-  _check_tower_family(state_dict, 'visual.', 'ViT-B-32' if vit else 'RN50')
+  _check_tower_family(state_dict, 'visual.', type(backbone))
+  if isinstance(backbone, ResNet):
+    raise CheckpointError('config.model.backbone builds a torchvision ResNet, whose weights are a '
+                          'torchvision file: convert torchvision, not remoteclip')
   dropped = ('visual.proj',) if vit else ()
   ignore = lambda k: (not k.startswith('visual.') or k.startswith('visual.attnpool.')
                       or k in dropped or k.endswith('num_batches_tracked'))
   abstract = nnx.state(backbone, _model_state_filter())
   key_fn = openclip_vit_key if vit else openclip_backbone_key
   nnx.update(backbone, convert_state(state_dict, abstract, key_fn, ignore))
+
+
+def import_torchvision_backbone(backbone: nnx.Module, state_dict: Mapping[str, Array]) -> None:
+  """Loads a torchvision ResNet state_dict (resnet50 / resnet101 ImageNet weights, e.g.
+  resnet50-0676ba61.pth) into a `ResNet` in place. The classifier `fc` is dropped."""
+  _check_tower_family(state_dict, '', type(backbone))
+  if not isinstance(backbone, ResNet):
+    raise CheckpointError(f'config.model.backbone builds {_FAMILY_NAME[type(backbone)]}, whose '
+                          'weights are an OpenCLIP file: convert remoteclip, not torchvision')
+  ignore = lambda k: k.startswith('fc.') or k.endswith('num_batches_tracked')
+  abstract = nnx.state(backbone, _model_state_filter())
+  nnx.update(backbone, convert_state(state_dict, abstract, torchvision_backbone_key, ignore))
+
+
+def import_backbone(backbone: nnx.Module, state_dict: Mapping[str, Array]) -> None:
+  """A pretrained image tower, whichever family `backbone` is: OpenCLIP files for
+  ModifiedResNet and ViT towers, torchvision files for ResNets."""
+  if isinstance(backbone, ResNet):
+    import_torchvision_backbone(backbone, state_dict)
+  else:
+    import_openclip_backbone(backbone, state_dict)
 
 
 def flat_arrays(module: nnx.Module) -> dict[str, Array]:

@@ -13,6 +13,7 @@ from configs import levir
 from rsicrc_jax import weights
 from rsicrc_jax.models import RSICRC, count_params, trainable_filter
 from rsicrc_jax.models.modified_resnet import ModifiedResNet
+from rsicrc_jax.models.resnet import ResNet
 from rsicrc_jax.models.vit import VisionTransformer
 
 from conftest import FIXTURES, assert_close
@@ -180,10 +181,13 @@ def test_a_tower_of_the_other_family_is_named(vit_reference, openclip_tiny):
             if k.startswith('state/encoder.encoder.net.')}
   with pytest.raises(weights.CheckpointError,
                      match=r"OpenCLIP ViT \(width 32, 2 layers, patch 16, 64 px\), but "
-                           r"config.model.backbone='RN50'.*backbone=ViT-B-32"):
+                           r"config.model.backbone builds a CLIP ModifiedResNet; use "
+                           r"configs/levir.py:backbone=ViT-B-32"):
     weights.import_openclip_backbone(ModifiedResNet((1, 1, 1, 1), 8, rngs=nnx.Rngs(0)), visual)
   resnet = {k[6:]: v for k, v in openclip_tiny.items() if k.startswith('state/')}
-  with pytest.raises(weights.CheckpointError, match=r'ModifiedResNet \(RN50 layout\).*RN50'):
+  with pytest.raises(weights.CheckpointError, match=r'is a CLIP ModifiedResNet \(RN50 layout\), '
+                     r'but config.model.backbone builds an OpenCLIP ViT; use '
+                     r'configs/levir.py:backbone=RN50'):
     weights.import_openclip_backbone(_tiny_vit(), resnet)
 
 
@@ -235,3 +239,90 @@ def test_full_vit_matches_openclip(name):
   g = config.model.pos_table_size
   assert out.shape == (1, g, g, config.model.vit_width)
   assert_close(out.reshape(1, g * g, -1), tokens.numpy(), rtol=1e-4, name=f'{name} tokens')
+
+
+@pytest.fixture(scope='module')
+def torchvision_tiny():
+  with np.load(os.path.join(FIXTURES, 'torchvision_resnet_tiny.npz')) as d:
+    return {k: d[k] for k in d.files}
+
+
+def test_resnet_matches_torchvision_eval_and_train(torchvision_tiny):
+  """torchvision's ResNet code at 1/8 width (scripts/make_torchvision_resnet_fixture.py): the
+  feature map in eval mode, after a train-mode forward, and the running statistics after it."""
+  fx = torchvision_tiny
+  net = ResNet(tuple(fx['layers'].tolist()), int(fx['width']), rngs=nnx.Rngs(0))
+  state = {k[6:]: v for k, v in fx.items() if k.startswith('state/')}
+  weights.import_torchvision_backbone(net, state)
+  x = jnp.asarray(fx['input'].transpose(0, 2, 3, 1))
+  run = nnx.jit(lambda m, x: m(x))
+  assert_close(run(net, x), fx['eval_features'].transpose(0, 2, 3, 1), name='eval features')
+  net.train()
+  assert_close(run(net, x), fx['train_features'].transpose(0, 2, 3, 1), name='train features')
+  stats = weights.to_torch_state_dict(nnx.state(net, nnx.BatchStat),
+                                      key_fn=weights.torchvision_backbone_key, conv_prefixes=((),))
+  expected = {k[len('bn_after/'):]: v for k, v in fx.items() if k.startswith('bn_after/')}
+  assert set(stats) == set(expected)
+  for k, v in expected.items():
+    assert_close(stats[k], v, name=k)
+  exported = weights.to_torch_state_dict(nnx.state(net, nnx.Param),
+                                         key_fn=weights.torchvision_backbone_key,
+                                         conv_prefixes=((),))
+  assert set(exported) == {k for k in state if not k.endswith(('running_mean', 'running_var',
+                                                               'num_batches_tracked'))}
+
+
+def test_a_torchvision_file_for_the_wrong_tower_is_named(torchvision_tiny, openclip_tiny):
+  state = {k[6:]: v for k, v in torchvision_tiny.items() if k.startswith('state/')}
+  with pytest.raises(weights.CheckpointError,
+                     match=r'is a torchvision ResNet \(1 blocks in layer3\), but '
+                           r'config.model.backbone builds a CLIP ModifiedResNet; use '
+                           r'configs/levir.py:backbone=resnet50'):
+    weights.import_openclip_backbone(ModifiedResNet((1, 1, 1, 1), 8, rngs=nnx.Rngs(0)),
+                                     {f'visual.{k}': v for k, v in state.items()})
+  resnet = {k[6:]: v for k, v in openclip_tiny.items() if k.startswith('state/visual.')}
+  with pytest.raises(weights.CheckpointError, match=r'convert remoteclip, not torchvision'):
+    weights.import_torchvision_backbone(ModifiedResNet((1, 1, 1, 1), 8, rngs=nnx.Rngs(0)),
+                                        {k[7:]: v for k, v in resnet.items()})
+
+
+@pytest.mark.parametrize('name,tower,reference_total,reference_trainable', [
+    # torchvision's resnet50 / resnet101 without fc (2048 x 1000 + 1000).
+    ('resnet50', 25_557_032 - 2_049_000, 350_797_888, 350_788_352),
+    ('resnet101', 44_549_160 - 2_049_000, 369_790_016, 369_780_480),
+])
+def test_resnet_parameter_counts(name, tower, reference_total, reference_trainable):
+  """The reference's counts at the levir config with a torchvision tower: the tower (8x8x2048,
+  no projection at d_model 2048), 8-row position tables, and the encoder's unused value weights
+  (trainable in the reference). Frozen: conv1 and bn1."""
+  config = levir.get_config(f'backbone={name}')
+  m = config.model
+  assert (m.image_size, m.pos_table_size, m.normalization) == (256, 8, 'imagenet')
+  model = nnx.eval_shape(lambda: RSICRC(m, rngs=nnx.Rngs(0)))
+  assert count_params(model.encoder.backbone) == tower
+  unused_values = 3 * (2048 * 2048 + 4096 * 2048)
+  assert count_params(model) == reference_total - unused_values
+  assert count_params(model, trainable_filter(True, name)) == reference_trainable - unused_values
+  assert count_params(model) - count_params(model, trainable_filter(True, name)) == (
+      64 * 3 * 7 * 7 + 2 * 64)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec('torchvision') is None,
+                    reason='torchvision not installed')
+@pytest.mark.parametrize('name', ['resnet50', 'resnet101'])
+def test_full_resnet_matches_torchvision(name):
+  import torch  # pylint: disable=import-outside-toplevel
+  import torchvision  # pylint: disable=import-outside-toplevel
+  from rsicrc_jax.models import backbone  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  ref = getattr(torchvision.models, name)(weights=None).eval()
+  x = torch.randn(1, 3, 256, 256)
+  with torch.no_grad():
+    feat = torch.nn.Sequential(*list(ref.children())[:-2])(x)
+  config = levir.get_config(f'backbone={name}')
+  net = backbone.build(config.model, rngs=nnx.Rngs(0))
+  weights.import_torchvision_backbone(net, {k: v.numpy() for k, v in ref.state_dict().items()})
+  out = nnx.jit(lambda m, x: m(x))(net, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
+  assert out.shape == (1, 8, 8, 2048)
+  assert_close(out, feat.numpy().transpose(0, 2, 3, 1), rtol=1e-4, name=f'{name} features')

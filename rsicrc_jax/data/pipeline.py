@@ -28,6 +28,11 @@ from rsicrc_jax.data import captions as cap
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# config.model.normalization -> (mean, std) per channel: CLIP's for the RemoteCLIP towers,
+# ImageNet's for the torchvision ResNets (SPEC section 10).
+NORMALIZATION = {'clip': (CLIP_MEAN, CLIP_STD), 'imagenet': (IMAGENET_MEAN, IMAGENET_STD)}
 
 DATASETS = ('levir_cc', 'synthetic_cc')
 
@@ -147,11 +152,22 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
   return image
 
 
-def normalize_images(images: jnp.ndarray, dtype=jnp.float32) -> jnp.ndarray:
-  """uint8 (..., H, W, 3) -> CLIP-normalised float: (x / 255 - mean) / std."""
+def normalize_images(images: jnp.ndarray, dtype=jnp.float32,
+                     normalization: str = 'clip') -> jnp.ndarray:
+  """uint8 (..., H, W, 3) -> (x / 255 - mean) / std with `normalization`'s mean and std (the
+  model config's: `normalization_of(config.model)`)."""
+  if normalization not in NORMALIZATION:
+    raise ValueError(f'config.model.normalization={normalization!r}: expected one of '
+                     f'{list(NORMALIZATION)}')
+  mean, std = NORMALIZATION[normalization]
   x = images.astype(jnp.float32) / 255.0
-  x = (x - jnp.asarray(CLIP_MEAN, jnp.float32)) / jnp.asarray(CLIP_STD, jnp.float32)
+  x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
   return x.astype(dtype)
+
+
+def normalization_of(model_cfg) -> str:
+  """The input normalisation a model config asks for (configs saved before the field: CLIP)."""
+  return model_cfg.get('normalization', 'clip')
 
 
 def item_index(caption_lengths: list[list[int]], max_len: int, train: bool) -> np.ndarray:

@@ -13,6 +13,7 @@ from rsicrc_jax.models import backbone as backbones
 from rsicrc_jax.models.decoder import CaptionDecoder
 from rsicrc_jax.models.encoder import ChangeEncoder
 from rsicrc_jax.models.modified_resnet import ModifiedResNet
+from rsicrc_jax.models.resnet import ResNet
 from rsicrc_jax.models.vit import VisionTransformer
 
 _MODEL_KEYS = (
@@ -31,6 +32,7 @@ class RSICRCOutput:
 
 
 _BACKBONE_KEYS = {ModifiedResNet: ('backbone_layers', 'backbone_width'),
+                  ResNet: ('backbone_layers', 'backbone_width'),
                   VisionTransformer: ('image_size', 'vit_width', 'vit_layers', 'vit_heads',
                                       'vit_patch_size')}
 
@@ -57,6 +59,8 @@ class RSICRC(nnx.Module):
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     _check_config(cfg)
     self.backbone_name = cfg.get('backbone', 'RN50')  # static: which parameters train
+    # static: the input normalisation the tower expects (pipeline.normalize_images)
+    self.normalization = cfg.get('normalization', 'clip')
     dtype = jnp.dtype(cfg.dtype) if cfg.dtype else None
     self.encoder = ChangeEncoder(cfg, rngs=rngs, dtype=dtype)
     self.decoder = CaptionDecoder(cfg, rngs=rngs, dtype=dtype)
