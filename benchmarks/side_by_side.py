@@ -1,0 +1,226 @@
+"""This port next to the reference PyTorch code, on this machine, in one run: the levir train step
+and captioning at levir size, same batch, same shapes, same weights for captioning.
+
+  pip install -e ".[torch]" open_clip_torch pytorch_metric_learning  # the reference's own deps
+  git clone https://github.com/rogerferrod/RSICRC /path/to/RSICRC
+  python benchmarks/side_by_side.py --reference /path/to/RSICRC [--batch 4] [--steps 3] \
+      [--pairs 8] [--ours_pairs 32] [--out side_by_side.json]
+
+Train step: the reference's ICCModel (RN50 tower from open_clip, random weights) with its
+InfoNCELoss (FNA on), `loss = cap + lamb * con`, backward and AdamW over the trainable
+parameters, as its train.py does; ours is the step launch.py runs (`measure.train_step`). Both
+are timed after one warm-up step. GFLOP/s for both use XLA's FLOP count of the same step, and
+each framework's float32 matmul peak is measured in the same run.
+
+Captioning, seconds per pair: the reference's loop (one pair at a time, the full decoder re-run
+on the growing sequence, argmax, stop at END or max_len) and ours as eval runs it (a batch of
+pairs, jit, KV cache) on the same weights: the reference model's state_dict imported with
+`weights.import_rsicrc`, so both write the same tokens on the pairs both caption (checked).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import measure  # noqa: E402  (benchmarks/measure.py)
+
+from rsicrc_jax import decoding, weights  # noqa: E402
+from rsicrc_jax.data import captions as cap  # noqa: E402
+from rsicrc_jax.data.pipeline import CLIP_MEAN, CLIP_STD  # noqa: E402
+from rsicrc_jax.models import model_skeleton  # noqa: E402
+
+_REFERENCE = flags.DEFINE_string('reference', None, 'A checkout of rogerferrod/RSICRC (its src/ '
+                                 'is imported).')
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/levir.py', 'The levir config (the '
+                                          'reference builds exactly this architecture).')
+_BATCH = flags.DEFINE_integer('batch', 4, 'Train batch (the paper: 4).')
+_STEPS = flags.DEFINE_integer('steps', 3, 'Timed train steps, after one warm-up step.')
+_PAIRS = flags.DEFINE_integer('pairs', 8, 'Pairs captioned by the reference loop (its time per '
+                              'pair does not depend on how many).')
+_OURS_PAIRS = flags.DEFINE_integer('ours_pairs', 32, 'Pairs captioned by ours in one batch (eval\'s '
+                                   'default batch, config.eval.batch_size); the first --pairs of '
+                                   'them are the reference\'s, whose tokens must match.')
+_MATMUL = flags.DEFINE_integer('matmul_n', 2048, 'n of the n x n x n float32 matmul peak.')
+_OUT = flags.DEFINE_string('out', '', 'Also write the results here as JSON.')
+
+
+def _import_reference(path: str):
+  src = os.path.join(path, 'src')
+  if not os.path.isfile(os.path.join(src, 'model.py')):
+    raise app.UsageError(f'--reference {path}: no src/model.py; expected a checkout of '
+                         'https://github.com/rogerferrod/RSICRC')
+  sys.path.insert(0, src)
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    import open_clip  # pylint: disable=import-outside-toplevel
+    from Loss import InfoNCELoss  # pylint: disable=import-outside-toplevel
+    from model import ICCModel  # pylint: disable=import-outside-toplevel
+  except ImportError as err:
+    raise app.UsageError(f'the reference needs {err.name}: pip install torch open_clip_torch '
+                         'pytorch_metric_learning') from err
+  return torch, open_clip, InfoNCELoss, ICCModel
+
+
+def _torch_matmul_peak(torch, n: int, repeats: int = 10) -> float:
+  a = torch.randn(n, n)
+  b = torch.randn(n, n) / n ** 0.5
+  best = float('inf')
+  for _ in range(3):
+    t = time.perf_counter()
+    x = a
+    for _ in range(repeats):
+      x = x @ b
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 * repeats / best / 1e12
+
+
+def _reference_model(torch, open_clip, ICCModel, m):  # pylint: disable=invalid-name
+  if m.get('backbone', 'RN50') != 'RN50' or m.d_model != 2048 or m.image_size != 224:
+    raise app.UsageError('the reference hard-codes the RN50 feature map at 224 px: use '
+                         'configs/levir.py')
+  torch.manual_seed(0)
+  clip = open_clip.create_model('RN50')  # random weights: the speed does not depend on them
+  return ICCModel(torch.device('cpu'), clip, 'RN50', m.d_model, m.vocab_size, m.max_len,
+                  m.num_heads, m.h_dim, m.a_dim, m.encoder_layers, m.decoder_layers, m.dropout,
+                  learnable=m.learnable, fine_tune=m.fine_tune,
+                  tie_embeddings=m.tie_embeddings, prenorm=m.prenorm)
+
+
+def _torch_batch(torch, config, batch: int):
+  host = measure.random_train_batch(config, batch)
+  mean, std = np.asarray(CLIP_MEAN, np.float32), np.asarray(CLIP_STD, np.float32)
+  images = [torch.from_numpy(((host[k] / 255.0 - mean) / std).astype(np.float32)
+                             .transpose(0, 3, 1, 2).copy()) for k in ('image_a', 'image_b')]
+  tokens = torch.from_numpy(host['tokens'].astype(np.int64))
+  flags_ = torch.from_numpy(host['flag'].astype(np.int64))
+  embs = torch.nn.functional.normalize(torch.randn(batch, 768), dim=1)
+  return images, tokens, tokens == cap.PAD, flags_, embs
+
+
+def reference_train_step(torch, InfoNCELoss, model, config, batch: int, steps: int):  # pylint: disable=invalid-name
+  """Seconds per step of the reference's training step, after one warm-up step."""
+  (img_a, img_b), tokens, pad_mask, flags_, embs = _torch_batch(torch, config, batch)
+  infonce = InfoNCELoss(torch.device('cpu'), k=config.loss.top_k,
+                        temperature=config.loss.temperature,
+                        threshold=config.loss.s_threshold, fna=config.loss.fna)
+  optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                            lr=config.learning_rate, eps=config.adam_eps)
+  model.train()
+
+  def step():
+    cap_loss, vis_emb, text_emb, _, _, _ = model(img_a, img_b, tokens, tokens, pad_mask)
+    con_loss, _ = infonce(vis_emb, text_emb, flags_, embs)
+    loss = cap_loss + config.loss.lamb * con_loss
+    loss.backward()
+    optim.step()
+    optim.zero_grad()
+    return float(loss.detach())
+
+  step()
+  t = time.perf_counter()
+  for _ in range(steps):
+    step()
+  return (time.perf_counter() - t) / steps
+
+
+def reference_captions(torch, model, img_a, img_b, max_len: int):
+  """The reference's inference loop: per pair, encode once, re-run the whole decoder on the
+  sequence so far, append the argmax, stop at END or after max_len steps."""
+  model.eval()
+  out = []
+  with torch.no_grad():
+    for i in range(img_a.shape[0]):
+      _, vis_toks = model.encoder(img_a[i:i + 1], img_b[i:i + 1])
+      ids = torch.tensor([[cap.START]])
+      for _ in range(max_len):
+        _, _, logits, _ = model.decoder(ids, None, None, vis_toks)
+        nxt = logits[0, -1].argmax()
+        ids = torch.cat([ids, nxt.reshape(1, 1)], dim=1)
+        if int(nxt) == cap.END:
+          break
+      out.append(ids[0].tolist())
+  return out
+
+
+def main(argv):
+  del argv
+  if not _REFERENCE.value:
+    raise app.UsageError('--reference is required: a checkout of rogerferrod/RSICRC')
+  torch, open_clip, InfoNCELoss, ICCModel = _import_reference(_REFERENCE.value)  # pylint: disable=invalid-name
+  config = _CONFIG.value
+  m = config.model
+  res = {'machine': f'{os.cpu_count()} CPU cores', 'torch': torch.__version__,
+         'jax': jax.__version__, 'torch_threads': torch.get_num_threads(),
+         'batch': _BATCH.value}
+  res['matmul_tflops'] = {'torch': _torch_matmul_peak(torch, _MATMUL.value),
+                          'jax': measure.matmul_peak(_MATMUL.value)}
+  model = _reference_model(torch, open_clip, ICCModel, m)
+
+  ref_s = reference_train_step(torch, InfoNCELoss, model, config, _BATCH.value, _STEPS.value)
+  ours = measure.train_step(config, _BATCH.value, steps=_STEPS.value)
+  gflop = ours['gflop_per_step']
+  res['train_step'] = {
+      'reference_s': ref_s, 'ours_s': ours['step_ms'] / 1e3, 'gflop_per_step_xla': gflop,
+      'reference_gflops': gflop / ref_s if gflop else None,
+      'ours_gflops': gflop / (ours['step_ms'] / 1e3) if gflop else None,
+      'speedup': ref_s / (ours['step_ms'] / 1e3)}
+
+  # Captioning on the same weights: the reference's state_dict imported into ours.
+  n_ref, n_ours = _PAIRS.value, max(_PAIRS.value, _OURS_PAIRS.value)
+  (img_a, img_b), _, _, _, _ = _torch_batch(torch, config, n_ours)
+  t = time.perf_counter()
+  ref_tokens = reference_captions(torch, model, img_a[:n_ref], img_b[:n_ref], m.max_len)
+  ref_caption_s = (time.perf_counter() - t) / n_ref
+  ours_model = model_skeleton(m)
+  weights.import_rsicrc(ours_model, {k: v.detach().numpy() for k, v in model.state_dict().items()})
+  a = jnp.asarray(img_a.numpy().transpose(0, 2, 3, 1))
+  b = jnp.asarray(img_b.numpy().transpose(0, 2, 3, 1))
+  jax.block_until_ready(decoding.greedy_decode_cached(ours_model, a, b))  # compile
+  t = time.perf_counter()
+  tokens, _, _ = jax.block_until_ready(decoding.greedy_decode_cached(ours_model, a, b))
+  ours_caption_s = (time.perf_counter() - t) / n_ours
+  ours_tokens = [row[:row.index(cap.END) + 1] if cap.END in row else row
+                 for row in np.asarray(tokens).tolist()]
+  steps = sum(len(r) - 1 for r in ref_tokens)
+  res['captioning'] = {
+      'reference_pairs': n_ref, 'ours_pairs': n_ours, 'reference_decoding_steps': steps,
+      'same_tokens': ours_tokens[:n_ref] == ref_tokens,
+      'reference_s_per_pair': ref_caption_s, 'ours_s_per_pair': ours_caption_s,
+      'reference_captions_per_s': 1 / ref_caption_s, 'ours_captions_per_s': 1 / ours_caption_s,
+      'speedup': ref_caption_s / ours_caption_s}
+
+  s, c = res['train_step'], res['captioning']
+  mm = res['matmul_tflops']
+  print(f'{res["machine"]}; torch {res["torch"]} ({res["torch_threads"]} threads), jax '
+        f'{res["jax"]}; levir config, batch {_BATCH.value}, float32')
+  print('| | reference (PyTorch) | rsicrc_jax | ratio |\n| --- | --- | --- | --- |')
+  print(f'| f32 matmul {_MATMUL.value}^3, GFLOP/s | {mm["torch"] * 1e3:.0f} | '
+        f'{mm["jax"] * 1e3:.0f} | |')
+  print(f'| train step, s | {s["reference_s"]:.2f} | {s["ours_s"]:.2f} | {s["speedup"]:.2f}x |')
+  if gflop:
+    print(f'| train step, GFLOP/s ({gflop:.0f} GFLOP/step, XLA) | {s["reference_gflops"]:.0f} | '
+          f'{s["ours_gflops"]:.0f} | |')
+  print(f'| captioning, s per pair (reference: {n_ref} pairs one by one; ours: {n_ours} in one '
+        f'batch) | {c["reference_s_per_pair"]:.3f} | {c["ours_s_per_pair"]:.3f} | '
+        f'{c["speedup"]:.1f}x |')
+  print(f'same tokens on the reference\'s {n_ref} pairs ({steps} decoding steps): '
+        f'{c["same_tokens"]}')
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      json.dump(res, f, indent=2)
+  return 0 if c['same_tokens'] else 1
+
+
+if __name__ == '__main__':
+  app.run(main)
