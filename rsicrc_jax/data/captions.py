@@ -113,11 +113,12 @@ def parse_captions(data: object, path: str = '<captions json>') -> list[PairReco
 
 
 def read_captions(path: str | os.PathLike) -> list[PairRecord]:
-  """Reads and validates `LevirCCcaptions.json`."""
+  """Reads and validates a captions JSON in the LEVIR-CC schema (`LevirCCcaptions.json`, WHU-CDC's
+  `whuCCcaptions.json`)."""
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise DataError(f'{path}: caption file not found (expected LevirCCcaptions.json of the '
-                    'LEVIR-CC download)')
+    raise DataError(f'{path}: caption file not found (expected the download\'s captions JSON, '
+                    'e.g. LevirCCcaptions.json of LEVIR-CC)')
   try:
     with open(path, encoding='utf-8') as f:
       data = json.load(f)

@@ -34,7 +34,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # ImageNet's for the torchvision ResNets (SPEC section 10).
 NORMALIZATION = {'clip': (CLIP_MEAN, CLIP_STD), 'imagenet': (IMAGENET_MEAN, IMAGENET_STD)}
 
-DATASETS = ('levir_cc', 'synthetic_cc')
+DATASETS = ('levir_cc', 'levir_mci', 'whu_cdc', 'synthetic_cc')
 
 # grain is imported inside the two functions that build and iterate batches, not here: the train
 # step and decoding import this module (normalize_images) and must also run where grain is not
@@ -89,7 +89,8 @@ def make_builder(data_cfg: Mapping[str, Any]):
     raise cap.DataError(f'config.data.name: unknown dataset "{name}", expected one of '
                         f'{sorted(DATASETS)}')
   builders = _builders()
-  cls = {'levir_cc': builders.LevirCCBuilder, 'synthetic_cc': builders.SyntheticCCBuilder}[name]
+  cls = {'levir_cc': builders.LevirCCBuilder, 'levir_mci': builders.LevirMCIBuilder,
+         'whu_cdc': builders.WhuCDCBuilder, 'synthetic_cc': builders.SyntheticCCBuilder}[name]
   fields = dict(data_cfg.get('builder_config') or {})
   fields.setdefault('name', 'default')
   known = set(builders.config_fields(cls.BUILDER_CONFIGS[0])) | {'name', 'description'}
