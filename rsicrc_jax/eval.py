@@ -43,10 +43,23 @@ def figure_pairs(changed: np.ndarray, num: int) -> list[int]:
   return sorted(int(i) for i in picked)
 
 
+_MASK_COLOURS = ('cyan', 'lime', 'yellow', 'orange')
+
+
+def draw_change_mask(ax, mask: np.ndarray) -> None:
+  """Outlines each class of a (S, S[, 1]) class-id change mask (the dataset's ground truth) on
+  `ax`, one colour per class."""
+  mask = mask[..., 0] if mask.ndim == 3 else mask
+  for k, cls in enumerate(c for c in np.unique(mask) if c):
+    ax.contour(mask == cls, levels=[0.5], colors=_MASK_COLOURS[k % len(_MASK_COLOURS)],
+               linewidths=1.2)
+
+
 def save_figures(run, dataset, split, config, out_dir, num: int) -> list[str]:
   """One PNG per drawn pair: before | after | the decoder's cross-attention over the after
-  image, with the generated caption and the references beneath. Greedy decoding only (beam
-  search keeps no attention)."""
+  image, with the generated caption and the references beneath; when the dataset has change
+  masks (LEVIR-MCI, WHU-CDC), the true change is outlined on the after image and the attention
+  map. Greedy decoding only (beam search keeps no attention)."""
   if not len(run['attention']) or num <= 0:
     return []
   import matplotlib  # pylint: disable=import-outside-toplevel
@@ -73,6 +86,12 @@ def save_figures(run, dataset, split, config, out_dir, num: int) -> list[str]:
     im = axes[2].imshow(attn, cmap='magma', alpha=0.55, interpolation='nearest',
                         extent=(0, b.shape[1], b.shape[0], 0), vmin=0)
     axes[2].set_title('where the caption looked')
+    if 'change_mask' in rec:
+      mask = pipeline.resize_center_crop(np.asarray(rec['change_mask']), config.model.image_size,
+                                         nearest=True)
+      for ax in axes[1:]:
+        draw_change_mask(ax, mask)
+      axes[1].set_title('after (outlined: the dataset\'s change mask)')
     bar = fig.colorbar(im, ax=axes[2], fraction=0.046, pad=0.03)
     bar.set_label(f'share of cross-attention per cell\n(mean over the caption\'s words, '
                   f'{grid}x{grid} cells)', fontsize=9)

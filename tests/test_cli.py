@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import ml_collections
+import numpy as np
 import pytest
 
 from configs import demo, levir
@@ -189,3 +190,25 @@ def test_figures_draw_no_change_pairs_too():
   assert figure_pairs(np.ones(4, bool), 3) == [0, 1, 2]
   assert figure_pairs(np.zeros(4, bool), 3) == [0, 1, 2]  # only no-change pairs: all drawn
   assert figure_pairs(changed, 40) == list(range(18))
+
+
+def test_label_maps_resize_to_class_ids_and_outline_on_figures():
+  """Change masks follow the images' resize and crop by nearest neighbour (class ids stay class
+  ids), and eval's figures outline each class."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  from rsicrc_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from rsicrc_jax.eval import draw_change_mask  # pylint: disable=import-outside-toplevel
+  mask = np.zeros((256, 320, 1), np.uint8)
+  mask[64:128, 96:160] = 1  # road
+  mask[160:224, 200:300] = 2  # building
+  out = pipeline.resize_center_crop(mask, 224, nearest=True)
+  assert out.shape == (224, 224, 1) and set(np.unique(out)) == {0, 1, 2}
+  # 256 -> 224 rows (x 0.875), 320 -> 280 columns, then 28 columns cropped from the left.
+  rows, cols = np.nonzero(out[..., 0] == 1)
+  assert (rows.min(), rows.max(), cols.min(), cols.max()) == (56, 111, 56, 111)
+  fig, ax = plt.subplots()
+  draw_change_mask(ax, out)
+  assert len(ax.collections) == 2  # one outline per class
+  plt.close(fig)

@@ -138,16 +138,21 @@ def open_dataset(data_cfg: Mapping[str, Any], *, build_if_missing: bool = False)
 # ----------------------------------------------------------------------------------------------
 # Per-item transforms.
 
-def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+def resize_center_crop(image: np.ndarray, size: int, *, nearest: bool = False) -> np.ndarray:
   """SPEC section 2 geometry: shorter side to `size` (bicubic, as PIL does for torchvision's
-  Resize), then the central size x size crop. uint8 in, uint8 out."""
+  Resize), then the central size x size crop. uint8 in, uint8 out. `nearest` resamples by
+  nearest neighbour instead, for label maps (class ids must stay class ids)."""
   h, w = image.shape[:2]
   if (h, w) != (size, size):
     if h <= w:
       nh, nw = size, int(size * w / h)
     else:
       nh, nw = int(size * h / w), size
-    image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BICUBIC))
+    squeeze = image.ndim == 3 and image.shape[-1] == 1  # PIL has no (H, W, 1) mode
+    pil = Image.fromarray(image[..., 0] if squeeze else image)
+    image = np.asarray(pil.resize((nw, nh), Image.NEAREST if nearest else Image.BICUBIC))
+    if squeeze:
+      image = image[..., None]
     top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
     image = image[top:top + size, left:left + size]
   return image
