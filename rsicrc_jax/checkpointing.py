@@ -44,11 +44,15 @@ def _drop(tree: dict, dotted: str) -> None:
 
 def resume_fingerprint(config) -> dict:
   """The config as a plain dict, less RESUME_IGNORES and the size fields of the backbone family
-  the run does not use (an RN50 run ignores vit_*). A workdir written before
-  `model.backbone` existed is an RN50 run."""
+  the run does not use (an RN50 run ignores vit_*). A workdir written before `model.backbone`
+  (or the builder config's stored_size and raw) existed has them at their defaults."""
   d = json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
   for key in RESUME_IGNORES:
     _drop(d, key)
+  builder = d.get('data', {}).get('builder_config')
+  if isinstance(builder, dict):  # fields added later, at the values runs before them had
+    builder.setdefault('stored_size', 0)
+    builder.setdefault('raw', False)
   model = d.get('model')
   if isinstance(model, dict):
     model.setdefault('backbone', 'RN50')

@@ -147,14 +147,15 @@ def test_vit_fields_are_checked():
 
 
 def test_a_workdir_from_before_the_backbone_field_resumes_as_rn50():
-  """Runs saved before config.model.backbone and vit_* existed stay resumable; their fields
-  only count for the family in use."""
+  """Runs saved before config.model.backbone, vit_* and the builder config's stored_size and raw
+  existed stay resumable; the backbone size fields only count for the family in use."""
   from rsicrc_jax import checkpointing  # pylint: disable=import-outside-toplevel
   new = levir.get_config()
   old = new.to_dict()
   for k in ('backbone', 'vit_width', 'vit_layers', 'vit_heads', 'vit_patch_size',
             'vit_quick_gelu'):
     del old['model'][k]
+  del old['data']['builder_config']['stored_size'], old['data']['builder_config']['raw']
   fingerprint = checkpointing.resume_fingerprint
   assert fingerprint(ml_collections.ConfigDict(old)) == fingerprint(new)
   vit = levir.get_config('backbone=ViT-B-32')

@@ -14,7 +14,9 @@ import tensorflow_datasets as tfds
 
 from rsicrc_jax.data import builders
 from rsicrc_jax.data import captions as cap
-from data_helpers import build_levir, copy_mini, dataset_files, make_levir_tree, MINI
+from rsicrc_jax.data import pipeline
+from data_helpers import (build_levir, copy_mini, dataset_files, make_levir_tree, MINI,
+                          tiny_synthetic_cfg)
 
 
 def test_builds_the_real_levir_cc_pairs(tmp_path):
@@ -189,3 +191,36 @@ def test_tfds_build_command_line_whu_cdc(tmp_path):
   assert meta['caption_lengths'].keys() == {'train', 'val', 'test'}
   info = json.load(open(version_dir / 'features.json'))
   assert 'change_mask' in json.dumps(info)
+
+
+def test_pictures_stored_at_the_model_size_are_what_the_pipeline_would_make(tmp_path):
+  """stored_size + raw: the bicubic resize and crop done once at build time give the very bytes
+  the pipeline makes when reading the native pictures, and the host only copies them."""
+  native = pipeline.open_dataset(tiny_synthetic_cfg(tmp_path / 'a'), build_if_missing=True)
+  ds = pipeline.open_dataset(tiny_synthetic_cfg(tmp_path / 'b', name='tiny48', stored_size=48,
+                                                raw=True), build_if_missing=True)
+  a, b = native.source('train'), ds.source('train')
+  assert len(a) == len(b)
+  for i in range(0, len(a), 7):
+    for k in ('image_a', 'image_b'):
+      np.testing.assert_array_equal(b[i][k], pipeline.resize_center_crop(a[i][k], 48))
+  with pytest.raises(cap.DataError, match=r'stores its pictures resized to 48 px, but '
+                     r'config.model.image_size=64: resizing them again'):
+    pipeline.make_batches(ds, 'train', global_batch=4, max_len=32, image_size=64, train=True)
+  batches, _ = pipeline.make_batches(ds, 'train', global_batch=4, max_len=32, image_size=48,
+                                     train=True)
+  assert batches[0]['image_a'].shape == (4, 48, 48, 3)
+
+
+def test_a_dataset_built_before_a_new_builder_field_still_opens(tmp_path):
+  """Its metadata lacks stored_size and raw: they read as their defaults, not as a mismatch."""
+  ds = pipeline.open_dataset(tiny_synthetic_cfg(tmp_path), build_if_missing=True)
+  meta_path = os.path.join(ds.builder.data_dir, 'metadata.json')
+  meta = json.load(open(meta_path))
+  for field in ('stored_size', 'raw'):
+    del meta['builder_config'][field]
+  json.dump(meta, open(meta_path, 'w'))
+  reopened = pipeline.open_dataset(tiny_synthetic_cfg(tmp_path))
+  assert len(reopened.source('train')) == len(ds.source('train'))
+  with pytest.raises(cap.DataError, match='was built with'):  # a real difference still counts
+    pipeline.open_dataset(tiny_synthetic_cfg(tmp_path, raw=True))

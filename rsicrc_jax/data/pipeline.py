@@ -125,7 +125,12 @@ def open_dataset(data_cfg: Mapping[str, Any], *, build_if_missing: bool = False)
           f'{builder.data_dir}; run: {build_hint(name)}')
   meta = builder.info.metadata
   want = _builders().config_fields(builder.builder_config)
-  if meta.get('builder_config', want) != want:
+  # A field added to the builder configs after the dataset was built means what it always
+  # meant then: its default (e.g. stored_size 0, raw False).
+  defaults = _builders().config_fields(type(builder.builder_config)(name='defaults'))
+  built = {**{k: v for k, v in defaults.items() if k not in meta.get('builder_config', want)},
+           **meta.get('builder_config', want)}
+  if built != want:
     raise cap.DataError(f'{builder.data_dir} was built with {meta["builder_config"]}, but '
                         f'config.data.builder_config asks for {want}; give the variant its own '
                         'name or delete that folder')
@@ -260,6 +265,12 @@ def make_batches(dataset: Dataset, split: str, *, global_batch: int, max_len: in
   if lengths is None:
     raise cap.DataError(f'dataset {dataset.name} has no split "{split}"; it has '
                         f'{list(dataset.caption_lengths)}')
+  stored = getattr(dataset.builder.builder_config, 'stored_size', 0)
+  if stored and stored != image_size:
+    raise cap.DataError(
+        f'dataset {dataset.name} ({dataset.builder.builder_config.name}) stores its pictures '
+        f'resized to {stored} px, but config.model.image_size={image_size}: resizing them again is '
+        f'not the reference\'s preprocessing; build it with stored_size={image_size} (or 0)')
   index = item_index(lengths, max_len, train)
   n = len(index)
   if n == 0:
