@@ -1,4 +1,5 @@
-"""The ModifiedResNet tower against OpenCLIP's own implementation, and the model's size."""
+"""Each image tower (CLIP ModifiedResNet, OpenCLIP ViT, torchvision ResNet) against its own
+library's code, and the model's size with each."""
 
 import importlib.util
 import os
@@ -112,7 +113,7 @@ def _openclip_vit_params(width, layers, patch, grid, output_dim):
 
 
 @pytest.mark.parametrize('name,tower,proj,reference_total,reference_trainable', [
-    # OpenCLIP's published tower sizes: ViT-B-32 87.85 M, ViT-L-14 303.97 M (visual).
+    # open_clip 3.3.0's create_model(name).visual parameter counts, counted there.
     ('ViT-B-32', 87_849_216, 768 * 512, 416_711_936, 413_918_720),
     ('ViT-L-14', 303_966_208, 1024 * 768, 633_371_648, 631_716_864),
 ])
