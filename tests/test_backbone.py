@@ -35,13 +35,19 @@ def _tiny_backbone(fx):
 def test_matches_openclip_eval_and_train(openclip_tiny):
   fx = openclip_tiny
   net = _tiny_backbone(fx)
+  _check_eval_train_and_statistics(net, fx, weights.openclip_backbone_key)
+
+
+def _check_eval_train_and_statistics(net, fx, key_fn):
+  """A tower against a fixture of its library's code: the feature map in eval mode, after a
+  train-mode forward, and the BN running statistics after that forward."""
   x = jnp.asarray(fx['input'].transpose(0, 2, 3, 1))
   run = nnx.jit(lambda m, x: m(x))
   assert_close(run(net, x), fx['eval_features'].transpose(0, 2, 3, 1), name='eval features')
   net.train()
   assert_close(run(net, x), fx['train_features'].transpose(0, 2, 3, 1), name='train features')
-  stats = weights.to_torch_state_dict(nnx.state(net, nnx.BatchStat),
-                                      key_fn=weights.openclip_backbone_key, conv_prefixes=((),))
+  stats = weights.to_torch_state_dict(nnx.state(net, nnx.BatchStat), key_fn=key_fn,
+                                      conv_prefixes=((),))
   expected = {k[len('bn_after/'):]: v for k, v in fx.items() if k.startswith('bn_after/')}
   assert set(stats) == set(expected)
   for k, v in expected.items():
@@ -255,17 +261,7 @@ def test_resnet_matches_torchvision_eval_and_train(torchvision_tiny):
   net = ResNet(tuple(fx['layers'].tolist()), int(fx['width']), rngs=nnx.Rngs(0))
   state = {k[6:]: v for k, v in fx.items() if k.startswith('state/')}
   weights.import_torchvision_backbone(net, state)
-  x = jnp.asarray(fx['input'].transpose(0, 2, 3, 1))
-  run = nnx.jit(lambda m, x: m(x))
-  assert_close(run(net, x), fx['eval_features'].transpose(0, 2, 3, 1), name='eval features')
-  net.train()
-  assert_close(run(net, x), fx['train_features'].transpose(0, 2, 3, 1), name='train features')
-  stats = weights.to_torch_state_dict(nnx.state(net, nnx.BatchStat),
-                                      key_fn=weights.torchvision_backbone_key, conv_prefixes=((),))
-  expected = {k[len('bn_after/'):]: v for k, v in fx.items() if k.startswith('bn_after/')}
-  assert set(stats) == set(expected)
-  for k, v in expected.items():
-    assert_close(stats[k], v, name=k)
+  _check_eval_train_and_statistics(net, fx, weights.torchvision_backbone_key)
   exported = weights.to_torch_state_dict(nnx.state(net, nnx.Param),
                                          key_fn=weights.torchvision_backbone_key,
                                          conv_prefixes=((),))
