@@ -15,6 +15,8 @@ import open_clip
 import torch
 from open_clip.modified_resnet import ModifiedResNet
 
+import tower_fixture  # scripts/tower_fixture.py
+
 LAYERS, WIDTH, IMAGE_SIZE, BATCH = (1, 2, 1, 1), 8, 64, 3
 
 
@@ -32,28 +34,12 @@ def main():
   args = parser.parse_args()
   torch.manual_seed(0)
   net = ModifiedResNet(list(LAYERS), output_dim=16, heads=2, image_size=IMAGE_SIZE, width=WIDTH)
-  with torch.no_grad():
-    for m in net.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        m.weight.uniform_(0.5, 1.5)
-        m.bias.normal_(0, 0.1)
-        m.running_mean.normal_(0, 0.1)
-        m.running_var.uniform_(0.5, 1.5)
-  x = torch.randn(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE)
-  state = {f'visual.{k}': v.numpy().copy() for k, v in net.state_dict().items()}
-  net.eval()
-  with torch.no_grad():
-    eval_out = tower_features(net, x)
-    net.train()
-    train_out = tower_features(net, x)
-  bn_after = {f'bn_after/visual.{k}': v.numpy().copy() for k, v in net.state_dict().items()
-              if 'running' in k}
-  np.savez_compressed(
-      args.out, **{f'state/{k}': v for k, v in state.items()}, **bn_after,
-      input=x.numpy(), eval_features=eval_out.numpy(), train_features=train_out.numpy(),
-      layers=np.asarray(LAYERS), width=np.asarray(WIDTH),
-      open_clip_version=np.asarray(open_clip.__version__))
-  print(f'wrote {args.out}: {len(state)} tensors, features {tuple(eval_out.shape)}')
+  arrays = tower_fixture.record(net, tower_features, (BATCH, 3, IMAGE_SIZE, IMAGE_SIZE),
+                                key_prefix='visual.')
+  np.savez_compressed(args.out, **arrays, layers=np.asarray(LAYERS), width=np.asarray(WIDTH),
+                      open_clip_version=np.asarray(open_clip.__version__))
+  print(f'wrote {args.out}: {sum(k.startswith("state/") for k in arrays)} tensors, features '
+        f'{arrays["eval_features"].shape}')
 
 
 if __name__ == '__main__':
