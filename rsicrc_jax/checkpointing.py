@@ -16,6 +16,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from rsicrc_jax.models import backbone as backbones
+from rsicrc_jax.models.vit import VisionTransformer
 from rsicrc_jax import model_io
 
 
@@ -56,7 +58,7 @@ def resume_fingerprint(config) -> dict:
   model = d.get('model')
   if isinstance(model, dict):
     model.setdefault('backbone', 'RN50')
-    vit = str(model['backbone']).startswith('ViT')
+    vit = backbones.FAMILIES.get(model['backbone']) is VisionTransformer
     for k in list(model):
       if (k.startswith('vit_') and not vit) or (k.startswith('backbone_') and vit):
         del model[k]

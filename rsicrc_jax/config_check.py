@@ -41,6 +41,17 @@ def _backbone_names() -> list[str]:
   return list(backbone.FAMILIES)
 
 
+def _is_vit(name) -> bool:
+  from rsicrc_jax.models import backbone  # pylint: disable=import-outside-toplevel
+  from rsicrc_jax.models.vit import VisionTransformer  # pylint: disable=import-outside-toplevel
+  return backbone.FAMILIES.get(name) is VisionTransformer
+
+
+def _normalizations() -> list[str]:
+  from rsicrc_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  return list(pipeline.NORMALIZATION)
+
+
 RULES = (
     ('batch_size', _positive_int, 'a positive integer'),
     ('epochs', _positive_int, 'a positive integer'),
@@ -61,7 +72,8 @@ RULES = (
     ('sharding.num_devices', _nonneg_int, 'an integer >= 0 (0 = all devices)'),
     ('model.backbone', lambda v: v in _backbone_names(), 'one of ' + ', '.join(
         _backbone_names())),
-    ('model.normalization', lambda v: v in ('clip', 'imagenet'), "'clip' or 'imagenet'"),
+    ('model.normalization', lambda v: v in _normalizations(),
+     'one of ' + ', '.join(_normalizations())),
     ('model.vit_width', _positive_int, 'a positive integer'),
     ('model.vit_layers', _positive_int, 'a positive integer'),
     ('model.vit_heads', _positive_int, 'a positive integer'),
@@ -122,7 +134,7 @@ def validate(config) -> None:
       if field in m and 'num_heads' in m and m[field] % m.num_heads:
         problems.append(f'config.model.{field}={m[field]}: expected a multiple of '
                         f'config.model.num_heads={m.num_heads}')
-    if str(m.get('backbone', '')).startswith('ViT') and 'vit_patch_size' in m:
+    if _is_vit(m.get('backbone')) and 'vit_patch_size' in m:
       patch, size = m.vit_patch_size, m.get('image_size', 0)
       if size % patch:
         problems.append(f'config.model.image_size={size}: expected a multiple of '

@@ -237,11 +237,6 @@ def _tower(state_dict: Mapping[str, Array], prefix: str) -> tuple[type | None, s
   return None, ''
 
 
-def describe_tower(state_dict: Mapping[str, Array], prefix: str) -> str:
-  """What image tower the tensors under `prefix` hold, for messages ('' when unclear)."""
-  return _tower(state_dict, prefix)[1]
-
-
 _FAMILY_HINT = {VisionTransformer: 'configs/levir.py:backbone=ViT-B-32 (or set '
                                    'config.model.backbone and the vit_* fields)',
                 ResNet: 'configs/levir.py:backbone=resnet50 (or resnet101)',

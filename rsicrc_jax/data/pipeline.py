@@ -166,7 +166,7 @@ def resize_center_crop(image: np.ndarray, size: int, *, nearest: bool = False) -
 def normalize_images(images: jnp.ndarray, dtype=jnp.float32,
                      normalization: str = 'clip') -> jnp.ndarray:
   """uint8 (..., H, W, 3) -> (x / 255 - mean) / std with `normalization`'s mean and std (the
-  model config's: `normalization_of(config.model)`)."""
+  model's: `model.normalization`, from config.model.normalization)."""
   if normalization not in NORMALIZATION:
     raise ValueError(f'config.model.normalization={normalization!r}: expected one of '
                      f'{list(NORMALIZATION)}')
@@ -174,11 +174,6 @@ def normalize_images(images: jnp.ndarray, dtype=jnp.float32,
   x = images.astype(jnp.float32) / 255.0
   x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
   return x.astype(dtype)
-
-
-def normalization_of(model_cfg) -> str:
-  """The input normalisation a model config asks for (configs saved before the field: CLIP)."""
-  return model_cfg.get('normalization', 'clip')
 
 
 def item_index(caption_lengths: list[list[int]], max_len: int, train: bool) -> np.ndarray:
