@@ -46,13 +46,18 @@ def _check(cond: bool, message: str) -> None:
     raise cap.DataError(message)
 
 
+def _picture(size: int, channels: int, raw: bool) -> tfds.features.FeatureConnector:
+  """A size x size picture feature: PNG, or with `raw` the uint8 bytes as they are (no PNG to
+  decode when reading, for hosts that must feed an accelerator; about 3x the disk)."""
+  shape = (size, size, channels)
+  if raw:
+    return tfds.features.Tensor(shape=shape, dtype=np.uint8, encoding=tfds.features.Encoding.BYTES)
+  return tfds.features.Image(shape=shape, encoding_format='png')
+
+
 def _features(image_size: int, embedding_dim: int, with_scene: bool,
               with_mask: bool = False, raw: bool = False) -> tfds.features.FeaturesDict:
-  # raw: uint8 arrays as they are (no PNG to decode when reading), for hosts that must feed an
-  # accelerator; about 3x the disk of PNG.
-  image = (tfds.features.Tensor(shape=(image_size, image_size, 3), dtype=np.uint8,
-                                encoding=tfds.features.Encoding.BYTES) if raw else
-           tfds.features.Image(shape=(image_size, image_size, 3), encoding_format='png'))
+  image = _picture(image_size, 3, raw)
   feats = {
       'image_a': image,
       'image_b': image,
@@ -70,10 +75,7 @@ def _features(image_size: int, embedding_dim: int, with_scene: bool,
   if with_scene:
     feats['scene'] = tfds.features.Text()
   if with_mask:
-    feats['change_mask'] = (
-        tfds.features.Tensor(shape=(image_size, image_size, 1), dtype=np.uint8,
-                             encoding=tfds.features.Encoding.BYTES) if raw else
-        tfds.features.Image(shape=(image_size, image_size, 1), encoding_format='png'))
+    feats['change_mask'] = _picture(image_size, 1, raw)
   return tfds.features.FeaturesDict(feats)
 
 
@@ -224,8 +226,8 @@ class LevirCCBuilder(_CaptionDatasetBuilder, skip_registration=True):
         description=(self.__doc__ or '').strip().splitlines()[0],
     )
 
-  def _sides(self) -> str:
-    return 'AB' if self.MASK_CLASSES is None else ('A', 'B', 'label')
+  def _sides(self) -> tuple[str, ...]:
+    return ('A', 'B') if self.MASK_CLASSES is None else ('A', 'B', 'label')
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = os.fspath(dl_manager.manual_dir)
