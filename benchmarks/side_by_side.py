@@ -37,7 +37,7 @@ import measure  # noqa: E402  (benchmarks/measure.py)
 
 from rsicrc_jax import decoding, weights  # noqa: E402
 from rsicrc_jax.data import captions as cap  # noqa: E402
-from rsicrc_jax.data.pipeline import CLIP_MEAN, CLIP_STD  # noqa: E402
+from rsicrc_jax.data import pipeline  # noqa: E402
 from rsicrc_jax.models import model_skeleton  # noqa: E402
 
 _REFERENCE = flags.DEFINE_string('reference', None, 'A checkout of rogerferrod/RSICRC (its src/ '
@@ -99,8 +99,8 @@ def _reference_model(torch, open_clip, ICCModel, m):  # pylint: disable=invalid-
 
 def _torch_batch(torch, config, batch: int):
   host = measure.random_train_batch(config, batch)
-  mean, std = np.asarray(CLIP_MEAN, np.float32), np.asarray(CLIP_STD, np.float32)
-  images = [torch.from_numpy(((host[k] / 255.0 - mean) / std).astype(np.float32)
+  # Normalised as our pipeline does it (CLIP statistics), then NCHW for the reference.
+  images = [torch.from_numpy(np.asarray(pipeline.normalize_images(jnp.asarray(host[k])))
                              .transpose(0, 3, 1, 2).copy()) for k in ('image_a', 'image_b')]
   tokens = torch.from_numpy(host['tokens'].astype(np.int64))
   flags_ = torch.from_numpy(host['flag'].astype(np.int64))
