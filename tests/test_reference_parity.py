@@ -78,9 +78,18 @@ def test_import_into_initialised_model_equals_skeleton(config_module, reference_
                                                        eval_out):
   model = RSICRC(config_module.get_config().model, rngs=nnx.Rngs(3))
   weights.import_rsicrc(model, reference_state)
+  # Every array the import wrote replaces the random init: the two states are equal bit for bit.
+  skeleton = eval_out[0]
+  imported = dict(nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat))))
+  expected = dict(nnx.to_flat_state(nnx.state(skeleton, (nnx.Param, nnx.BatchStat))))
+  assert imported.keys() == expected.keys()
+  for path, var in expected.items():
+    np.testing.assert_array_equal(np.asarray(imported[path][...]), np.asarray(var[...]),
+                                  err_msg='/'.join(map(str, path)))
+  # A separately compiled program: equal to rounding (bit-equal on CPU, not on a GPU).
   emb = nnx.jit(lambda m, a, b: m.encode_images(a, b)[0])(model, inputs['img_before'],
                                                           inputs['img_after'])
-  np.testing.assert_array_equal(np.asarray(emb), np.asarray(eval_out[1].visual_emb))
+  assert_close(emb, eval_out[1].visual_emb, rtol=1e-5, atol=1e-6, name='visual_emb')
 
 
 @pytest.fixture(scope='module')
@@ -178,8 +187,15 @@ def test_gradients_of_every_trainable_parameter(train_result, reference, referen
   unused_v = {k for k in trainable if '.att.to_v.' in k}
   assert set(grads) == trainable - unused_v
   assert {k[len('grad/'):] for k in reference if k.startswith('grad/')} == set(grads)
+  # Every gradient is compared before failing, so a failure lists all the tensors off and by
+  # how much (on an H100 one RN50 BN bias was 4x over this bound: see README, the accelerator).
+  failures = []
   for key, g in grads.items():
-    assert_close(g, reference[f'grad/{key}'], rtol=1e-4, atol=1e-6, name=f'grad {key}')
+    try:
+      assert_close(g, reference[f'grad/{key}'], rtol=1e-4, atol=1e-6, name=f'grad {key}')
+    except AssertionError as err:
+      failures.append(str(err).splitlines()[0])
+  assert not failures, f'{len(failures)} of {len(grads)} gradients off:\n' + '\n'.join(failures)
   for key in PRE_BN_BIASES:
     assert np.abs(grads[key]).max() < 1e-6
 
