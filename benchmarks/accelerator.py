@@ -60,6 +60,9 @@ _EMBED_BATCH = flags.DEFINE_integer('embed_batch', 256, 'Batch of the embedding 
 _MEMORY_GB = flags.DEFINE_float('memory_gb', 0.0, 'Device memory the largest batch must fit in '
                                 '(0: what the device reports; needed on CPU, which reports none).')
 _PARITY = flags.DEFINE_bool('parity', True, 'Run the reference parity tests on the device.')
+SECTIONS = ('matmul', 'parity', 'train_step', 'captioning', 'embedding')
+_ONLY = flags.DEFINE_list('only', list(SECTIONS), 'Sections to measure, in this order of '
+                          f'priority: {",".join(SECTIONS)} (a rerun of what a first run skipped).')
 
 
 class Report:
@@ -182,6 +185,8 @@ def parity(platform_name: str, dry_run: bool) -> dict:
     env['JAX_PLATFORMS'] = platform_name
   t = time.perf_counter()
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+  with open(os.path.join(_OUT.value, 'parity.log'), 'w', encoding='utf-8') as f:
+    f.write(out.stdout + out.stderr)  # the failures' diffs, which the summary cannot hold
   tail = (out.stdout + out.stderr).strip().splitlines()
   summary = next((line.strip('= ') for line in reversed(tail)
                   if re.search(r'\d+ (passed|failed|error)', line)), tail[-1] if tail else '')
@@ -217,8 +222,15 @@ def main(argv):
   print(f'accelerator check: {env["device_kind"]} x{env["device_count"]}, jax {env["jax"]}; '
         f'writing {_OUT.value}', flush=True)
 
+  unknown = set(_ONLY.value) - set(SECTIONS)
+  if unknown:
+    raise app.UsageError(f'--only: unknown section(s) {sorted(unknown)}; expected some of '
+                         f'{",".join(SECTIONS)}')
+
   def attempt(what: str, section: str, fn):
     """Runs one measurement unless the budget is spent; a failure is recorded, not fatal."""
+    if section not in _ONLY.value:
+      return None
     if time.perf_counter() - START > _BUDGET.value:
       report.add('skipped', {'what': what, 'why': f'--budget_s={_BUDGET.value:.0f} s spent'})
       print(f'skipped {what}: time budget spent', flush=True)
@@ -283,7 +295,8 @@ def main(argv):
 
   limit_gb = _MEMORY_GB.value or env.get('memory_limit_gb')
   multi = env['device_count'] > 1
-  for dtype in ('float32',) if dry else ('bfloat16', 'float32'):
+  for dtype in () if 'train_step' not in _ONLY.value else ('float32',) if dry else (
+      'bfloat16', 'float32'):
     a, b = rows.get((dtype, small)), rows.get((dtype, large))
     if not (a and b and a['memory_gb'] and b['memory_gb'] and limit_gb):
       report.add('skipped', {'what': f'largest {dtype} batch',

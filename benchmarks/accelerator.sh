@@ -5,29 +5,30 @@
 #   bash benchmarks/accelerator.sh [FLAGS]          # on the accelerator machine (carry .whl)
 #
 # The accelerator image has jax (CUDA), flax, optax, orbax, einops, absl, PyYAML, pytest, but
-# not ml_collections; flax is pinned to the version CI tests. --fetch-wheels downloads both
-# into .whl/ (git-ignored); the device run installs them into /tmp/site. FLAGS go to
+# not ml_collections: --fetch-wheels downloads it into .whl/ (git-ignored) and the device run
+# installs it into /tmp/site. The image's own flax is used: it matches the image's jax (the
+# flax CI pins, 0.12.8, fails to import against jax 0.11.2 on the H100 image, 2026-11-27). FLAGS go to
 # benchmarks/accelerator.py (--help lists them). Results: $OUT (else runs/accelerator)/
 # accelerator.json and accelerator.md; the log is accelerator.log beside them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
-  pins=$(python3 -c 'import importlib.metadata as m; print(*(n + "==" + m.version(n) for n in ("flax", "ml_collections")))')
+  pins=$(python3 -c 'import importlib.metadata as m; print("ml_collections==" + m.version("ml_collections"))')
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux2014_x86_64 --platform any -d .whl $pins
   ls -l .whl/*.whl
   exit 0
 fi
 
-if ! python3 -c 'import ml_collections' 2>/dev/null || ls .whl/flax-*.whl >/dev/null 2>&1; then
+if ! python3 -c 'import ml_collections' 2>/dev/null; then
   if ! ls .whl/*.whl >/dev/null 2>&1; then
     echo "error: ml_collections is not installed and .whl/ holds no wheels; run" \
       "'bash benchmarks/accelerator.sh --fetch-wheels' where pip can download, and carry .whl" >&2
     exit 1
   fi
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/ml_collections-*.whl .whl/flax-*.whl
+    --target /tmp/site .whl/ml_collections-*.whl
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
