@@ -11,6 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
+from rsicrc_jax import index
+
 AT_K = (1, 3, 5, 10)
 LITERATURE_K = (1, 5, 10)  # the RS cross-modal retrieval papers' R@k (SPEC section 13)
 
@@ -76,8 +78,7 @@ def retrieval_metrics(text_emb: np.ndarray, visual_emb: np.ndarray, relevant: np
   count as the same sentence). P@k = hits in the top k / k, R@k = hits / |relevant|,
   MRR@k = 1 / rank of the first hit within the top k (0 if none); means over queries.
   """
-  scores = _normalize(text_emb) @ _normalize(visual_emb).T
-  order = np.argsort(-scores, axis=1, kind='stable')
+  order = index.rank(text_emb, visual_emb)
   hits = np.take_along_axis(relevant, order, axis=1)  # (N, N) in rank order
   num_rel = relevant.sum(axis=1)
   out = {}
@@ -102,9 +103,7 @@ def hit_rate(query_emb: np.ndarray, index_emb: np.ndarray, relevant: np.ndarray,
   """R@k as the remote-sensing retrieval literature reports it (SPEC section 13): the share of
   queries with at least one relevant item in the top k (cosine ranking). relevant: (Q, M) bool.
   Pair -> caption (the reference lacks it) and caption -> pair are both this."""
-  scores = _normalize(query_emb) @ _normalize(index_emb).T
-  order = np.argsort(-scores, axis=1, kind='stable')
-  hits = np.take_along_axis(relevant, order, axis=1)
+  hits = np.take_along_axis(relevant, index.rank(query_emb, index_emb), axis=1)
   return {f'R@{k}': float(np.mean(hits[:, :k].any(axis=1))) for k in ks}
 
 
@@ -113,7 +112,3 @@ def mean_recall(text_to_pair: dict[str, float], pair_to_text: dict[str, float]) 
   return float(np.mean([d[f'R@{k}'] for d in (text_to_pair, pair_to_text)
                         for k in LITERATURE_K]))
 
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-  x = np.asarray(x, np.float64)
-  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
