@@ -10,6 +10,7 @@ Variants of the paper's ablations, comma-separated after a colon (combinable):
   configs/levir.py:no_fne              neither removed nor attracted
   configs/levir.py:caption_only        captioning loss only (lambda 0)
   configs/levir.py:topk=K              the K hardest negatives over the batch
+  configs/levir.py:hd=N                N mined hard negatives per item (the reference's --hd N)
 """
 
 import ml_collections
@@ -115,11 +116,12 @@ def get_eval_config() -> ml_collections.ConfigDict:
   return e
 
 
-VARIANTS = ('backbone=NAME', 'fna_off', 'no_fne', 'caption_only', 'topk=K')
+VARIANTS = ('backbone=NAME', 'fna_off', 'no_fne', 'caption_only', 'topk=K', 'hd=N')
 
 
 def apply_variants(config: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
-  """Applies `backbone=NAME,fna_off,no_fne,caption_only,topk=K` (see the module docstring)."""
+  """Applies `backbone=NAME,fna_off,no_fne,caption_only,topk=K,hd=N` (see the module
+  docstring)."""
   for item in filter(None, (s.strip() for s in (arg or '').split(','))):
     name, _, value = item.partition('=')
     if name == 'backbone' and value in backbones.PRESETS:
@@ -133,10 +135,13 @@ def apply_variants(config: ml_collections.ConfigDict, arg: str) -> ml_collection
       config.loss.lamb = 0.0
     elif name == 'topk' and value.isdigit() and int(value) > 0:
       config.loss.top_k = int(value)
+    elif name == 'hd' and value.isdigit():
+      config.hard_negatives = int(value)
     else:
       raise ValueError(
           f'config variant {item!r}: expected backbone=NAME (NAME one of '
-          f'{list(backbones.PRESETS)}), fna_off, no_fne, caption_only or topk=K (K > 0)')
+          f'{list(backbones.PRESETS)}), fna_off, no_fne, caption_only, topk=K (K > 0) or hd=N '
+          '(N >= 0)')
   return config
 
 
@@ -155,6 +160,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.lr_schedule = 'constant'  # after warmup; 'cosine' decays to 0 at the last step
   config.max_grad_norm = 0.0  # 0 = no clipping
   config.grad_accum_steps = 1  # >1: the batch is split into this many microbatches per update
+  # Hard-negative mining (SPEC section 11, the reference's --hd): at the start and after every
+  # epoch, mine this many negatives per train item with the eval-mode model; a batch of B items
+  # then trains on B * (1 + hard_negatives). 0 = off (the reference's default).
+  config.hard_negatives = 0
   config.eval_batch_size = 0  # 0 = batch_size
   config.log_every_steps = 10
   config.final_eval = True  # after training: `rsicrc_jax.eval` of best/ on the test split

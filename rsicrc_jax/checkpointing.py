@@ -14,6 +14,7 @@ import time
 from absl import logging
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from rsicrc_jax.models import backbone as backbones
@@ -47,7 +48,8 @@ def _drop(tree: dict, dotted: str) -> None:
 def resume_fingerprint(config) -> dict:
   """The config as a plain dict, less RESUME_IGNORES and the size fields of the backbone family
   the run does not use (an RN50 run ignores vit_*). A workdir written before `model.backbone`
-  (or the builder config's stored_size and raw) existed has them at their defaults."""
+  (or hard_negatives, the builder config's stored_size and raw) existed has them at their
+  defaults."""
   d = json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
   for key in RESUME_IGNORES:
     _drop(d, key)
@@ -55,6 +57,7 @@ def resume_fingerprint(config) -> dict:
   if isinstance(builder, dict):  # fields added later, at the values runs before them had
     builder.setdefault('stored_size', 0)
     builder.setdefault('raw', False)
+  d.setdefault('hard_negatives', 0)
   model = d.get('model')
   if isinstance(model, dict):
     model.setdefault('backbone', 'RN50')
@@ -121,7 +124,8 @@ class Checkpoints:
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'data': ocp.JsonCheckpointHandler(),
-                       'progress': ocp.JsonCheckpointHandler()})
+                       'progress': ocp.JsonCheckpointHandler(),
+                       'mining': ocp.StandardCheckpointHandler()})
     # Every process takes part in a save, as Orbax requires on multi-host runs.
     self.best = ocp.CheckpointManager(
         os.path.join(root, 'best'),
@@ -135,11 +139,24 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_state: dict, progress: dict) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        progress=ocp.args.JsonSave(progress)), force=True)
+  def save(self, step: int, state, data_state: dict, progress: dict,
+           mining_table=None) -> None:
+    """`mining_table`: the epoch's hard negatives (runs with config.hard_negatives), saved so
+    that a run resumed mid-epoch trains on the same ones."""
+    items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                 progress=ocp.args.JsonSave(progress))
+    if mining_table is not None:
+      items['mining'] = ocp.args.StandardSave({'table': mining_table})
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
     self.manager.wait_until_finished()
+
+  def mining_table(self, step: int):
+    """The hard-negative table saved with `step`, or None when it holds none."""
+    if not os.path.isdir(os.path.join(self.directory, str(step), 'mining')):
+      return None
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        mining=ocp.args.StandardRestore()))
+    return np.asarray(restored['mining']['table'])
 
   def save_best(self, step: int, model, model_config, is_main: bool) -> None:
     self.best.save(step, args=ocp.args.Composite(

@@ -63,6 +63,7 @@ RULES = (
     ('lr_schedule', lambda v: v in ('constant', 'cosine'), "'constant' or 'cosine'"),
     ('max_grad_norm', _nonneg, 'a number >= 0 (0 = no clipping)'),
     ('grad_accum_steps', _positive_int, 'a positive integer'),
+    ('hard_negatives', _nonneg_int, 'an integer >= 0 (0 = no mining)'),
     ('eval_batch_size', _nonneg_int, 'an integer >= 0 (0 = batch_size)'),
     ('log_every_steps', _positive_int, 'a positive integer'),
     ('best_metric_mode', lambda v: v in ('auto', 'min', 'max'), "'auto', 'min' or 'max'"),
@@ -145,6 +146,10 @@ def validate(config) -> None:
       if m.vit_width % m.vit_heads:
         problems.append(f'config.model.vit_width={m.vit_width}: expected a multiple of '
                         f'config.model.vit_heads={m.vit_heads}')
+  if not problems and config.get('hard_negatives', 0) and config.get('grad_accum_steps', 1) > 1:
+    problems.append(f'config.hard_negatives={config.hard_negatives} with '
+                    f'config.grad_accum_steps={config.grad_accum_steps}: mined items belong to '
+                    'their batch, which microbatches would split; use one of the two')
   if 'data' in config:
     from rsicrc_jax.data import pipeline  # pylint: disable=import-outside-toplevel
     if config.data.get('name') not in pipeline.DATASETS:

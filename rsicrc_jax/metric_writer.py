@@ -17,7 +17,7 @@ import json
 import os
 from typing import Mapping
 
-_HEADLINE = ('loss', 'R@10', 'BLEU-4', 'CIDEr-D')
+_HEADLINE = ('loss', 'R@10', 'BLEU-4', 'CIDEr-D', 'negatives_found')
 
 
 def _headline(key: str) -> bool:

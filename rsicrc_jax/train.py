@@ -19,12 +19,14 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from rsicrc_jax import checkpointing
 from rsicrc_jax import config_check
 from rsicrc_jax import evaluators
 from rsicrc_jax import losses
+from rsicrc_jax import mining
 from rsicrc_jax import optim
 from rsicrc_jax import preemption
 from rsicrc_jax import sharding
@@ -203,9 +205,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   train_step = jax.jit(make_train_step(graphdef, config, optimizer),
                        in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
                        donate_argnums=0)
+  model_fn = lambda s: ts.model_from_state(graphdef, s)
   evals = evaluators.from_config(
       config, dataset, mesh=mesh, process_index=jax.process_index(),
-      process_count=jax.process_count(), model_fn=lambda s: ts.model_from_state(graphdef, s),
+      process_count=jax.process_count(), model_fn=model_fn,
       loss_step=jax.jit(make_eval_step(graphdef, config), in_shardings=(shardings, batch_sh)))
   evaluators.check_best_metric(config, evals)
   if is_main:
@@ -219,10 +222,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
               'history': []}
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           state, shardings)
+  hard_negatives = int(config.get('hard_negatives', 0))
+  train_items = pipeline.train_items(dataset, config.model.max_len) if hard_negatives else None
+  table = None  # this epoch's mined negatives (config.hard_negatives), saved with checkpoints
   if (restored := ckpt.restore_latest(abstract)) is not None:
     start, state, data_state, progress = restored
     progress = _progress(progress, config.best_metric)
     data_iter.set_state(data_state)
+    if hard_negatives and start % plan.steps_per_epoch:
+      table = ckpt.mining_table(start)
     logging.info('resumed from %s at step %d', ckpt.directory, start)
   step = int(jax.device_get(state.step))
   writer = MetricWriter(workdir, enabled=is_main, resume_step=step)
@@ -234,8 +242,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   def save(epoch_loss):
     nonlocal saved_at
     progress['epoch_loss'] = list(epoch_loss)
-    ckpt.save(step, state, data_iter.get_state(), progress)
+    ckpt.save(step, state, data_iter.get_state(), progress, table)
     saved_at = time.monotonic()
+
+  def mine(epoch: int):
+    """The epoch's hard negatives and this process's iterator over them from `step` on."""
+    nonlocal table
+    if table is None:  # else restored with a mid-epoch checkpoint: the same negatives
+      model = model_fn(state)
+      model.eval()
+      run = evaluators.run_model(model, dataset, 'train', config,
+                                 batch_size=config.eval_batch_size or config.batch_size,
+                                 decode=False, progress=is_main)
+      table = mining.mine(mining.train_embeddings(run, train_items), hard_negatives)
+      # Logged at the first step trained with them (a rerun from the epoch's start rewrites it).
+      writer.write(step + 1, {'mining/negatives_found': float((table >= 0).mean())})
+    start_step = step - (epoch - 1) * plan.steps_per_epoch
+    return pipeline.iterate(
+        pipeline.mined_batches(dataset, plan, table, epoch=epoch - 1, start_step=start_step,
+                               max_len=config.model.max_len,
+                               image_size=config.model.image_size, seed=config.seed,
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count()),
+        num_threads=config.data.num_threads, prefetch=config.data.prefetch)
 
   def stopped() -> preemption.Preempted:  # after a save at `step`
     return preemption.Preempted(step, signals.received or signal.SIGTERM, ckpt.directory)
@@ -270,14 +299,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
         mid_epoch = step > (epoch - 1) * plan.steps_per_epoch
         train_sum, count = progress.get('epoch_loss', [0.0, 0]) if mid_epoch else (0.0, 0)
         t0, seen = None, 0
+        mined = mine(epoch) if hard_negatives else None
         while step < epoch_end:
-          state, aux = train_step(state, sharding.global_batch(next(data_iter), mesh))
+          local = next(data_iter)
+          if mined is not None:  # the items' hard negatives follow the items
+            negatives = next(mined)
+            local = {k: np.concatenate([v, negatives[k]]) for k, v in local.items()}
+          state, aux = train_step(state, sharding.global_batch(local, mesh))
           step += 1
           if t0 is None:  # pairs/s from the end of the first step (compilation excluded)
             jax.block_until_ready(aux)
             t0 = time.perf_counter()
           else:
-            seen += config.batch_size
+            seen += config.batch_size * (1 + hard_negatives)
           if step % config.log_every_steps == 0 or step == epoch_end:
             aux = {k: float(v) for k, v in jax.device_get(aux).items()}
             if not all(map(math.isfinite, aux.values())):
@@ -314,6 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
         progress['history'].append({'epoch': epoch, 'step': step,
                                     'train/loss': train_sum / max(count, 1), **results})
         save((0.0, 0))
+        table = None  # the next epoch mines afresh, with the model as it is now
         if preemption.agree(signals.received is not None)[0] and step < plan.num_steps:
           raise stopped()
   finally:

@@ -277,10 +277,7 @@ def make_batches(dataset: Dataset, split: str, *, global_batch: int, max_len: in
   import grain  # pylint: disable=import-outside-toplevel
   plan = Plan(n, global_batch, steps, num_epochs)
   local = global_batch // process_count
-  order = grain.MapDataset.range(n)
-  if train:
-    order = order.shuffle(seed=seed)
-  order = order.repeat(num_epochs)
+  order = _item_order(n, train, seed, num_epochs)
   fetch = _Fetch(dataset.source(split), dataset.vocab, max_len, image_size,
                  dataset.has_embeddings, with_references)
 
@@ -294,6 +291,51 @@ def make_batches(dataset: Dataset, split: str, *, global_batch: int, max_len: in
 
   ds = grain.MapDataset.range(plan.num_steps * local).map(load).batch(local, drop_remainder=True)
   return ds, plan
+
+
+def _item_order(n: int, train: bool, seed: int, num_epochs: int):
+  """Item rows in the order the epochs visit them: order[epoch * n + i]."""
+  import grain  # pylint: disable=import-outside-toplevel
+  order = grain.MapDataset.range(n)
+  if train:
+    order = order.shuffle(seed=seed)
+  return order.repeat(num_epochs)
+
+
+def train_items(dataset: Dataset, max_len: int) -> np.ndarray:
+  """The train split's item table, (N, 2) rows of (pair, caption), as `make_batches` reads it."""
+  return item_index(dataset.caption_lengths['train'], max_len, train=True)
+
+
+def mined_batches(dataset: Dataset, plan: Plan, table: np.ndarray, *, epoch: int,
+                  start_step: int, max_len: int, image_size: int, seed: int = 0,
+                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """This process's mined items for steps start_step.. of `epoch` (0-based) of the train plan
+  that `make_batches(..., train=True, seed=seed)` made: per step, the local batch's items' hard
+  negatives, `table` (N, n) item rows (mining.NONE: an invalid item), item by item: a batch of b
+  items gets b*n, (item 0's n negatives, item 1's, ...). Concatenated after the step's batch."""
+  import grain  # pylint: disable=import-outside-toplevel
+  index = train_items(dataset, max_len)
+  n_items, n = len(index), table.shape[1]
+  if table.shape[0] != n_items:
+    raise cap.DataError(f'the mining table has {table.shape[0]} rows; the train split has '
+                        f'{n_items} items')
+  local = plan.global_batch // process_count
+  order = _item_order(n_items, True, seed, plan.num_epochs)
+  fetch = _Fetch(dataset.source('train'), dataset.vocab, max_len, image_size,
+                 dataset.has_embeddings, False)
+
+  def load(k: int) -> dict[str, Any]:
+    step_in_epoch, slot = divmod(k, local * n)
+    base_slot, j = divmod(slot, n)
+    i = step_in_epoch * plan.global_batch + process_index * local + base_slot
+    row = int(table[order[epoch * n_items + i], j])
+    pair, caption = index[max(row, 0)]
+    return fetch(pair, caption, row >= 0)
+
+  steps = plan.steps_per_epoch - start_step
+  return grain.MapDataset.range(steps * local * n).map(
+      lambda k: load(k + start_step * local * n)).batch(local * n, drop_remainder=True)
 
 
 def iterate(ds: grain.MapDataset, *, num_threads: int = 4, prefetch: int = 8):
