@@ -283,13 +283,14 @@ def data_dir(tmp_path_factory):
   return d
 
 
-def launch(workdir, data_dir, *extra, wait=True, log=None):
+def launch(workdir, data_dir, *extra, wait=True, log=None, env=None):
   """Runs launch.py; output goes to a file (a pipe nobody drains could block the process)."""
   cmd = [sys.executable, os.path.join(REPO, 'launch.py'), f'--config={TINY}',
          f'--config.data.data_dir={data_dir}', f'--workdir={workdir}', *extra]
   log = log or f'{workdir}.log'
   with open(log, 'w') as f:
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(**(env or {})), stdout=f,
+                            stderr=subprocess.STDOUT)
   proc.log = log
   if not wait:
     return proc
@@ -602,3 +603,118 @@ def test_eval_says_what_to_run(baseline, data_dir, tmp_path):
   out = run(f'--config.data.data_dir={data_dir}', '--config.model.d_model=32')
   assert out.returncode != 0
   assert 'cannot load' in out.stderr and 'config.model expects' in out.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Hard-negative mining (config.hard_negatives): the batches, exact resume, 8 devices.
+
+MINING = ('--config.hard_negatives=1', '--config.batch_size=16', '--config.checkpoint.every_steps=3',
+          '--config.checkpoint.keep=20')
+MINED_STEPS = 24  # 2 epochs of 12 steps: 200 items / 16
+
+
+def test_mined_batches_follow_the_table(data_dir):
+  """Each item's n table entries follow the step's items in order, on every process's slice."""
+  from rsicrc_jax.data import pipeline
+  ds = pipeline.open_dataset(dict(
+      demo.get_config().data.to_dict(), data_dir=str(data_dir),
+      builder_config={'name': 'tiny', 'image_size': 64, 'num_train': 40, 'num_val': 12,
+                      'num_test': 12, 'change_fraction': 0.5}))
+  kw = dict(max_len=41, image_size=64, seed=3)
+  base, plan = pipeline.make_batches(ds, 'train', global_batch=8, train=True, num_epochs=2, **kw)
+  items = pipeline.train_items(ds, 41)
+  table = np.random.default_rng(0).integers(-1, len(items), (len(items), 2)).astype(np.int32)
+  epoch, start = 1, 3
+  got = [pipeline.mined_batches(ds, plan, table, epoch=epoch, start_step=start, process_index=p,
+                                process_count=2, **kw)[0] for p in (0, 1)]
+  # The step's item rows (the epoch's shuffled order), checked against the base batch.
+  order = pipeline._item_order(len(items), True, 3, 2)  # pylint: disable=protected-access
+  base_rows = [order[epoch * len(items) + start * 8 + i] for i in range(8)]
+  np.testing.assert_array_equal(items[base_rows, 0],
+                                base[epoch * plan.steps_per_epoch + start]['pair_index'])
+  expected = table[base_rows].reshape(-1)  # item 0's two negatives, item 1's, ...
+  pairs = np.concatenate([g['pair_index'] for g in got])
+  valid = np.concatenate([g['valid'] for g in got])
+  np.testing.assert_array_equal(valid, expected >= 0)
+  np.testing.assert_array_equal(pairs[valid], items[expected[valid], 0])
+  assert got[0]['image_a'].shape == (8, 64, 64, 3)  # 4 items x 2 negatives per process
+  with pytest.raises(Exception, match='mining table has 3 rows'):
+    pipeline.mined_batches(ds, plan, table[:3], epoch=0, start_step=0, **kw)
+
+
+@pytest.fixture(scope='module')
+def mined_baseline(data_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('mined')
+  assert f'done: step {MINED_STEPS}' in launch(workdir, data_dir, *MINING)
+  return workdir
+
+
+def _mined_tables(workdir):
+  ckpt = checkpointing.Checkpoints(str(workdir), keep=10)
+  try:
+    return {s: ckpt.mining_table(s) for s in checkpointing.checkpoint_steps(str(workdir))}
+  finally:
+    ckpt.close()
+
+
+def test_mining_runs_on_every_epoch_and_doubles_the_batch(mined_baseline):
+  with open(os.path.join(mined_baseline, 'metrics.jsonl')) as f:
+    rows = [json.loads(l) for l in f]
+  mined = [r for r in rows if r['split'] == 'mining']
+  assert [r['step'] for r in mined] == [1, 13]  # the first step each table serves
+  assert all(0 < r['negatives_found'] <= 1 for r in mined)
+  tables = _mined_tables(mined_baseline)
+  assert tables[MINED_STEPS].shape == (200, 1)  # one negative per train item
+  # A new table each epoch: the model changed; within an epoch the same one is saved.
+  assert not np.array_equal(tables[12], tables[MINED_STEPS])
+  np.testing.assert_array_equal(tables[15], tables[MINED_STEPS])
+  # pairs/s counts the mined items too: 16 * (1 + 1) per step.
+  log = open(f'{mined_baseline}.log').read()
+  assert 'train: embed' in log
+
+
+def test_resume_after_sigkill_with_mining_trains_on_the_same_negatives(
+    mined_baseline, data_dir, tmp_path):
+  workdir = tmp_path / 'mined_killed'
+  proc = launch(workdir, data_dir, *MINING, wait=False)
+  ckpts, deadline = workdir / 'checkpoints', time.time() + 600
+  while time.time() < deadline:  # mid-epoch 2: the table restored is the second epoch's
+    steps = [int(d) for d in (os.listdir(ckpts) if ckpts.exists() else []) if d.isdigit()]
+    if any(12 < s < MINED_STEPS for s in steps):
+      break
+    assert proc.poll() is None, open(proc.log).read()[-3000:]
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  resumed_from = max(checkpointing.checkpoint_steps(str(workdir)))
+  assert 12 < resumed_from < MINED_STEPS, resumed_from
+  assert f'done: step {MINED_STEPS}' in launch(workdir, data_dir, *MINING)
+  want, got = train_losses(mined_baseline), train_losses(workdir)
+  assert sorted(got) == list(range(1, MINED_STEPS + 1))
+  for step in range(1, MINED_STEPS + 1):
+    np.testing.assert_allclose(got[step], want[step], rtol=1e-6, err_msg=f'step {step}')
+  assert_same_metric_rows(workdir, mined_baseline)
+  np.testing.assert_array_equal(_mined_tables(workdir)[MINED_STEPS],
+                                _mined_tables(mined_baseline)[MINED_STEPS])
+
+
+def test_mining_on_eight_devices_matches_one(mined_baseline, data_dir, tmp_path):
+  workdir = tmp_path / 'mined_8'
+  out = launch(workdir, data_dir, *MINING,
+               env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+  assert f'done: step {MINED_STEPS}' in out
+  one, eight = _mined_tables(mined_baseline), _mined_tables(workdir)
+  assert sorted(one) == sorted(eight)
+  for s in one:
+    if s <= 12:  # mined from the same initial model: the same negatives
+      np.testing.assert_array_equal(eight[s], one[s], err_msg=f'step {s}')
+    else:  # from models that drifted apart by float rounding over 12 steps: near ties may flip
+      assert (eight[s] == one[s]).mean() > 0.95, f'step {s}'
+  want, got = train_losses(mined_baseline), train_losses(workdir)
+  assert sorted(got) == list(range(1, MINED_STEPS + 1))
+  for step in range(1, 4):  # as the two-process test: the first steps to rounding, then means
+    np.testing.assert_allclose(got[step], want[step], rtol=2e-5, atol=1e-6, err_msg=f'step {step}')
+  for epoch in range(2):
+    steps = range(12 * epoch + 1, 12 * epoch + 13)
+    np.testing.assert_allclose(np.mean([got[s][0] for s in steps]),
+                               np.mean([want[s][0] for s in steps]), rtol=5e-3)
