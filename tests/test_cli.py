@@ -114,8 +114,9 @@ def test_config_variants_set_the_papers_ablations():
   assert (c.loss.fne, c.loss.fna, c.loss.lamb, c.model.backbone) == (False, False, 0.0, 'RN50')
   for variant in levir.VARIANTS:  # every documented variant parses and passes the checks
     config_check.validate(levir.get_config(variant.replace('=NAME', '=ViT-B-32')
-                                           .replace('=K', '=4')))
-  for bad in ('backbone=ViT-L-15', 'topk=0', 'fna_off=1', 'hd'):
+                                           .replace('=K', '=4').replace('=N', '=2')))
+  assert levir.get_config('hd=2,topk=4').hard_negatives == 2
+  for bad in ('backbone=ViT-L-15', 'topk=0', 'fna_off=1', 'hd', 'hd=-1'):
     with pytest.raises(ValueError, match=f'config variant {bad!r}: expected backbone=NAME'):
       levir.get_config(bad)
 

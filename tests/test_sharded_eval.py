@@ -32,3 +32,6 @@ def test_eval_on_eight_devices_matches_one_device(tmp_path):
     for k in ('visual', 'text', 'all_text'):
       assert got[f'max_diff_{k}'] <= 1e-5 * got['scale_visual'] + 1e-6, (beam, k, got)
   assert r['beam1']['max_diff_attention'] <= 1e-6
+  # config.hard_negatives: 8 devices mine the same negatives as one (8 train pairs, 40 items).
+  assert r['mining'] == {'items': 40, 'found': r['mining']['found'], 'same_table': True}
+  assert r['mining']['found'] > 20

@@ -21,6 +21,7 @@ sys.path[:0] = [str(TESTS), str(TESTS / 'configs')]
 import tiny  # noqa: E402  (tests/configs/tiny.py)
 from data_helpers import tiny_synthetic_cfg  # noqa: E402
 from rsicrc_jax import evaluators  # noqa: E402
+from rsicrc_jax import mining  # noqa: E402
 from rsicrc_jax.data import pipeline  # noqa: E402
 from rsicrc_jax.models import RSICRC  # noqa: E402
 
@@ -65,6 +66,13 @@ def main(data_dir):
     }
     if beam == 1:
       out['beam1']['max_diff_attention'] = float(np.abs(r1['attention'] - r8['attention']).max())
+  # Hard-negative mining embeds the train split with this code: the same table on both meshes.
+  items = pipeline.train_items(dataset, config.model.max_len)
+  tables = [mining.mine(mining.train_embeddings(evaluators.run_model(
+      model, dataset, 'train', config, batch_size=5, decode=False, progress=False, mesh=mesh),
+      items), 1) for mesh in (one, eight)]
+  out['mining'] = {'items': len(items), 'found': int((tables[0] >= 0).sum()),
+                   'same_table': bool(np.array_equal(*tables))}
   print(json.dumps(out))
 
 
