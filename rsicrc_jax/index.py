@@ -22,22 +22,24 @@ def normalize(x: np.ndarray) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def cosine(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
-  """(Q, D), (K, D) -> (Q, K) cosine similarities."""
-  return normalize(queries) @ normalize(keys).T
-
-
-def rank(queries: np.ndarray, keys: np.ndarray, k: int | None = None) -> np.ndarray:
-  """(Q, D), (K, D) -> (Q, min(k, K)) int64 key indices, best first (all K when k is None)."""
+def _search(queries: np.ndarray, keys: np.ndarray, k: int | None):
+  """(scores, indices) of the best min(k, K) keys per query, one matrix product per block."""
   q, keys = normalize(queries), normalize(keys)
   if q.shape[1] != keys.shape[1]:
     raise ValueError(f'queries have {q.shape[1]} dimensions, the keys {keys.shape[1]}')
   k = keys.shape[0] if k is None else min(int(k), keys.shape[0])
-  out = np.empty((q.shape[0], k), np.int64)
+  ids = np.empty((q.shape[0], k), np.int64)
+  scores = np.empty((q.shape[0], k), np.float64)
   for i in range(0, q.shape[0], _QUERY_BLOCK):
-    scores = q[i:i + _QUERY_BLOCK] @ keys.T
-    out[i:i + _QUERY_BLOCK] = np.argsort(-scores, axis=1, kind='stable')[:, :k]
-  return out
+    block = q[i:i + _QUERY_BLOCK] @ keys.T
+    ids[i:i + _QUERY_BLOCK] = np.argsort(-block, axis=1, kind='stable')[:, :k]
+    scores[i:i + _QUERY_BLOCK] = np.take_along_axis(block, ids[i:i + _QUERY_BLOCK], axis=1)
+  return scores, ids
+
+
+def rank(queries: np.ndarray, keys: np.ndarray, k: int | None = None) -> np.ndarray:
+  """(Q, D), (K, D) -> (Q, min(k, K)) int64 key indices, best first (all K when k is None)."""
+  return _search(queries, keys, k)[1]
 
 
 class EmbeddingIndex:
@@ -64,6 +66,4 @@ class EmbeddingIndex:
 
   def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """-> (scores (Q, k'), indices (Q, k')), k' = min(k, len(self)), best first."""
-    ids = rank(queries, self._keys, k)
-    scores = np.take_along_axis(normalize(queries) @ self._keys.T, ids, axis=1)
-    return scores, ids
+    return _search(queries, self._keys, k)

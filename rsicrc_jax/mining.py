@@ -73,8 +73,8 @@ def train_embeddings(run: dict, items: np.ndarray) -> TrainEmbeddings:
     raise ValueError(f'the embedded train split lacks pairs {missing[:5]} that train items use')
   pos = np.asarray([position[int(p)] for p in items[:, 0]], np.int64)
   first = np.full(len(run['pair']), NONE, np.int64)
-  for row in range(len(items) - 1, -1, -1):  # backwards: the first item of each pair wins
-    first[pos[row]] = row
+  pairs_with_items, first_row = np.unique(pos, return_index=True)  # first occurrence per pair
+  first[pairs_with_items] = first_row
   keep = first >= 0  # pairs without a kept item cannot be mined (no item to contribute)
   return TrainEmbeddings(
       pair_visual=np.asarray(run['visual'])[keep], pair_flag=np.asarray(run['flag'])[keep],
