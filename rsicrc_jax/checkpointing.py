@@ -105,11 +105,18 @@ def check_resumable(workdir: str, config) -> None:
         f'({path}).')
 
 
-def write_config(workdir: str, config) -> None:
+def write_config(workdir: str, config, vocab: dict[str, int] | None = None) -> None:
+  """workdir/config.json and, given the dataset's vocabulary, workdir/vocab.json: what the
+  run's models need to be used without the dataset (`rsicrc_jax.predict`)."""
   with model_io.atomic_output(os.path.join(workdir, 'config.json'), is_dir=False,
                               overwrite=True) as tmp:
     with open(tmp, 'w') as f:
       f.write(config.to_json(indent=2))
+  if vocab is not None:
+    with model_io.atomic_output(os.path.join(workdir, 'vocab.json'), is_dir=False,
+                                overwrite=True) as tmp:
+      with open(tmp, 'w') as f:
+        json.dump(vocab, f)
 
 
 class Checkpoints:

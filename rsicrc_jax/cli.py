@@ -169,3 +169,20 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
       sys.exit(FAILURE)
 
   app.run(wrapped, argv=argv, flags_parser=_parse_flags)
+
+
+def run_plain(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
+  """For argparse commands (`rsicrc_jax.predict`, whose subcommands each have their own
+  --help): the same exit statuses and one-line failures as `run`."""
+  quiet_third_party_logs()
+  ignore_closed_event_loop_errors()
+  std_logging.getLogger('absl').addFilter(_DropNoise())
+  try:
+    main(list(sys.argv[1:] if argv is None else argv))
+  except KeyboardInterrupt:
+    print('interrupted', file=sys.stderr)
+    sys.exit(128 + 2)
+  except _known_failures() as err:
+    print(f'error: {err}', file=sys.stderr)
+    sys.exit(FAILURE)
+  sys.exit(0)

@@ -1,8 +1,10 @@
 r"""Convert PyTorch weights into what rsicrc_jax trains and evaluates from.
 
-  python -m rsicrc_jax.convert rsicrc model_best.pt --config configs/levir.py --out DIR
-      A reference RSICRC checkpoint -> model directory (Orbax state + config.json), loaded
-      with `rsicrc_jax.model_io.load_model(DIR)`.
+  python -m rsicrc_jax.convert rsicrc model_best.pt --config configs/levir.py --out DIR \
+      [--vocab LEVIR-CC/vocab.json]
+      A reference RSICRC checkpoint -> model directory (Orbax state + config.json, and the
+      vocabulary with --vocab, which `python -m rsicrc_jax.predict` needs), loaded with
+      `rsicrc_jax.model_io.load_model(DIR)`.
   python -m rsicrc_jax.convert remoteclip RemoteCLIP-RN50.pt --out rn50.npz [--config ...]
       An OpenCLIP image tower (the whole CLIP file is fine: the text tower is dropped) ->
       backbone arrays (.npz, '/'-joined leaf names), which config.init.backbone loads.
@@ -27,6 +29,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from rsicrc_jax import cli, model_io, weights
+from rsicrc_jax.data import captions as cap
 from rsicrc_jax.models import RSICRC, model_skeleton
 from rsicrc_jax.models import backbone as backbones
 
@@ -36,19 +39,27 @@ _CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config fil
                                           '(ml_collections get_config()).', lock_config=False)
 _OUT = flags.DEFINE_string('out', None, 'Output directory (rsicrc) or .npz file (remoteclip).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing --out.')
+_VOCAB = flags.DEFINE_string('vocab', None, 'rsicrc: the vocabulary the weights were trained '
+                             'with (the dataset\'s vocab.json), stored in the model dir so that '
+                             '`python -m rsicrc_jax.predict` finds it.')
 
 USAGE = ('usage: python -m rsicrc_jax.convert {rsicrc,remoteclip,torchvision} CKPT --out OUT '
          '[--config FILE]')
 
 
-def convert_rsicrc(ckpt: str, config, out: str, overwrite: bool = False) -> RSICRC:
+def convert_rsicrc(ckpt: str, config, out: str, overwrite: bool = False,
+                   vocab_path: str | None = None) -> RSICRC:
+  vocab = cap.read_vocabulary(vocab_path) if vocab_path else None
+  if vocab is not None and len(vocab) != config.model.vocab_size:
+    raise ValueError(f'--vocab {vocab_path} has {len(vocab)} words but '
+                     f'config.model.vocab_size is {config.model.vocab_size}')
   state = weights.load_torch_state_dict(ckpt)
   model = model_skeleton(config.model)
   try:
     weights.import_rsicrc(model, state)
   except weights.CheckpointError as e:
     raise weights.CheckpointError(f'{ckpt}: {e}') from e
-  model_io.save_model(out, model, config.model, overwrite=overwrite)
+  model_io.save_model(out, model, config.model, overwrite=overwrite, vocab=vocab)
   return model
 
 
@@ -81,7 +92,7 @@ def main(argv):
   config = _CONFIG.value
   kind, ckpt = argv[1], argv[2]
   if kind == 'rsicrc':  # failures: one line and exit 1 (cli.run)
-    convert_rsicrc(ckpt, config, _OUT.value, _OVERWRITE.value)
+    convert_rsicrc(ckpt, config, _OUT.value, _OVERWRITE.value, vocab_path=_VOCAB.value)
   else:
     convert_remoteclip(ckpt, config, _OUT.value, _OVERWRITE.value, kind=kind)
   print(f'wrote {_OUT.value}')

@@ -67,16 +67,13 @@ def save_figures(run, dataset, split, config, out_dir, num: int) -> list[str]:
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   os.makedirs(out_dir, exist_ok=True)
   source = dataset.source(split)
-  grid = int(round(np.sqrt(run['attention'].shape[-1])))
   paths = []
   for i in figure_pairs(run['flag'] != -1, num):
     rec = source[int(run['pair'][i])]
     a = pipeline.resize_center_crop(rec['image_a'], config.model.image_size)
     b = pipeline.resize_center_crop(rec['image_b'], config.model.image_size)
-    n_words = max(len(run['hypothesis'][i].split()) + 1, 1)  # + END
-    # Token order follows the encoder's transposed grid: transpose back for display. Each row
-    # of the attention sums to 1 over the grid cells; the map is its mean over the words.
-    attn = run['attention'][i][:n_words].mean(0).reshape(grid, grid).T
+    attn = evaluators.attention_map(run['attention'][i], run['hypothesis'][i])
+    grid = attn.shape[0]
     fig, axes = plt.subplots(1, 3, figsize=(13.5, 6.2), gridspec_kw={'bottom': 0.3})
     axes[0].imshow(a)
     axes[0].set_title('before')

@@ -43,18 +43,78 @@ TYPES = ('loss', 'retrieval', 'caption')
 # Embedding and decoding a split (eval mode), data parallel over this process's devices.
 
 @functools.partial(jax.jit, static_argnames='graphdef')
-def embed_pairs(graphdef, state, image_a, image_b, tokens):
-  """(uint8 images a, b (B, H, W, 3), tokens (B, L)) -> visual_emb, text_emb (B, C), eval mode."""
+def _embed_images(graphdef, state, image_a, image_b):
   m = nnx.merge(graphdef, state)
   a = pipeline.normalize_images(image_a, normalization=m.normalization)
   b = pipeline.normalize_images(image_b, normalization=m.normalization)
-  visual_emb, _ = m.encode_images(a, b)
-  return visual_emb, m.encode_text(tokens, tokens == cap.PAD)
+  return m.encode_images(a, b)[0]
 
 
 @functools.partial(jax.jit, static_argnames='graphdef')
 def _embed_text(graphdef, state, tokens):
   return nnx.merge(graphdef, state).encode_text(tokens, tokens == cap.PAD)
+
+
+def embed_pairs(graphdef, state, image_a, image_b, tokens):
+  """(uint8 images a, b (B, H, W, 3), tokens (B, L)) -> visual_emb, text_emb (B, C), eval mode."""
+  return (_embed_images(graphdef, state, image_a, image_b),
+          _embed_text(graphdef, state, tokens))
+
+
+class Inference:
+  """The eval-mode model replicated over a mesh (default: this process's devices) and what runs
+  on it: pair and text embeddings, and captions (KV-cached greedy, or beam search). Batches are
+  split over the mesh's 'data' axis; their size must be a multiple of `self.devices`
+  (`round_batch`). Eval, the training-time evaluators, mining and the own-imagery tool
+  (`rsicrc_jax.predict`) all embed and caption through this one class."""
+
+  def __init__(self, model, mesh=None):
+    self.mesh = mesh or sharding.local_mesh()
+    self.graphdef, params = nnx.split(model)
+    self.params = jax.device_put(params, sharding.replicated(self.mesh))
+    self.model = nnx.merge(self.graphdef, self.params)  # jit caches on graphdef: one compile
+    self.normalization = model.normalization
+
+  @property
+  def devices(self) -> int:
+    return self.mesh.size
+
+  def round_batch(self, batch_size: int) -> int:
+    """The batch size rounded up to a multiple of the device count."""
+    return -(-batch_size // self.devices) * self.devices
+
+  def put(self, x) -> jax.Array:
+    return jax.device_put(x, sharding.batch_sharding(self.mesh))
+
+  def embed_images(self, image_a, image_b) -> jax.Array:
+    """uint8 (B, H, W, 3) before, after -> visual embeddings (B, C)."""
+    return _embed_images(self.graphdef, self.params, self.put(image_a), self.put(image_b))
+
+  def embed_text(self, tokens) -> jax.Array:
+    """(B, L) int tokens, `[START] w.. [END] PAD..` -> text embeddings (B, C)."""
+    return _embed_text(self.graphdef, self.params, self.put(tokens))
+
+  def caption(self, image_a, image_b, *, beam_size: int = 1,
+              length_penalty: float = 0.0) -> tuple[np.ndarray, np.ndarray | None]:
+    """uint8 (B, H, W, 3) pairs -> (tokens (B, max_len + 1), the greedy decoder's cross-attention
+    (B, max_len, S), or None under beam search, which keeps none)."""
+    a = pipeline.normalize_images(self.put(image_a), normalization=self.normalization)
+    b = pipeline.normalize_images(self.put(image_b), normalization=self.normalization)
+    if beam_size > 1:
+      tokens, _, _ = decoding.beam_search(self.model, a, b, beam_size=beam_size,
+                                          length_penalty=length_penalty)
+      return np.asarray(tokens), None
+    tokens, _, attn = decoding.greedy_decode_cached(self.model, a, b)
+    return np.asarray(tokens), np.asarray(attn)
+
+
+def attention_map(attention: np.ndarray, caption: str) -> np.ndarray:
+  """(max_len, S) cross-attention of one greedy caption -> (g, g) map over the image grid: the
+  mean over the caption's words and its END token. Each row sums to 1 over the S = g*g cells,
+  whose order follows the encoder's transposed grid, hence the transpose back."""
+  grid = int(round(np.sqrt(attention.shape[-1])))
+  n_words = max(len(caption.split()) + 1, 1)
+  return attention[:n_words].mean(0).reshape(grid, grid).T
 
 
 def run_model(model, dataset: pipeline.Dataset, split: str, config, *, batch_size: int,
@@ -65,16 +125,11 @@ def run_model(model, dataset: pipeline.Dataset, split: str, config, *, batch_siz
   every process runs the whole split. A batch size that the device count does not divide is
   rounded up. Returns numpy arrays and lists, one entry per pair."""
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  mesh = mesh or sharding.local_mesh()
-  batch_size = -(-batch_size // mesh.size) * mesh.size
+  runner = Inference(model, mesh)
+  batch_size = runner.round_batch(batch_size)
   batches, plan = pipeline.make_batches(
       dataset, split, global_batch=batch_size, max_len=config.model.max_len,
       image_size=config.model.image_size, train=False, with_references=True)
-  # jit caches on graphdef: one compile per model shape.
-  graphdef, params = nnx.split(model)
-  params = jax.device_put(params, sharding.replicated(mesh))
-  model = nnx.merge(graphdef, params)
-  to_device = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))
   words = cap.id_to_word(dataset.vocab)
   out = {k: [] for k in ('visual', 'text', 'flag', 'caption_id', 'caption_emb', 'pair',
                          'filename', 'hypothesis', 'references', 'all_text', 'all_caption_ids',
@@ -87,10 +142,10 @@ def run_model(model, dataset: pipeline.Dataset, split: str, config, *, batch_siz
   for _ in tqdm(range(steps), desc=f'{split}: {what}', disable=not progress, leave=False):
     b = next(it)
     keep = np.flatnonzero(b['valid'])
-    a, bb = to_device(b['image_a']), to_device(b['image_b'])
-    visual, text = embed_pairs(graphdef, params, a, bb, to_device(b['tokens']))
+    visual = runner.embed_images(b['image_a'], b['image_b'])
+    text = runner.embed_text(b['tokens'])
     all_tokens = b['all_tokens'].reshape(-1, b['all_tokens'].shape[-1])
-    all_text = np.asarray(_embed_text(graphdef, params, to_device(all_tokens)))
+    all_text = np.asarray(runner.embed_text(all_tokens))
     out['all_text'].append(all_text.reshape(len(b['valid']), cap.CAPTIONS_PER_PAIR, -1)[keep])
     out['visual'].append(np.asarray(visual)[keep])
     out['text'].append(np.asarray(text)[keep])
@@ -102,15 +157,10 @@ def run_model(model, dataset: pipeline.Dataset, split: str, config, *, batch_siz
     out['filename'] += [str(b['filename'][i]) for i in keep]
     out['references'] += [[str(r) for r in b['references'][i]] for i in keep]
     if decode:
-      na = pipeline.normalize_images(a, normalization=model.normalization)
-      nb = pipeline.normalize_images(bb, normalization=model.normalization)
-      if beam_size > 1:
-        tokens, _, _ = decoding.beam_search(model, na, nb, beam_size=beam_size,
-                                            length_penalty=length_penalty)
-      else:
-        tokens, _, attn = decoding.greedy_decode_cached(model, na, nb)
-        out['attention'].append(np.asarray(attn)[keep])  # for eval's figures
-      tokens = np.asarray(tokens)
+      tokens, attn = runner.caption(b['image_a'], b['image_b'], beam_size=beam_size,
+                                    length_penalty=length_penalty)
+      if attn is not None:
+        out['attention'].append(attn[keep])  # for eval's figures
       out['hypothesis'] += [cap.decode_caption(tokens[i], words) for i in keep]
   run = {k: (np.concatenate(v) if v and k not in ('filename', 'hypothesis', 'references')
              else v) for k, v in out.items()}

@@ -60,13 +60,18 @@ def atomic_output(path: str, *, is_dir: bool, overwrite: bool = False):
 
 
 def save_model(path: str, model: nnx.Module, model_config: ml_collections.ConfigDict, *,
-               overwrite: bool = False) -> None:
+               overwrite: bool = False, vocab: dict[str, int] | None = None) -> None:
+  """Writes a model dir; with `vocab`, also DIR/vocab.json, so that the own-imagery tool can
+  use the model without its dataset."""
   state = nnx.to_pure_dict(nnx.state(model, _STATE_FILTER))
   with atomic_output(path, is_dir=True, overwrite=overwrite) as tmp:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, 'state'), state)
     with open(os.path.join(tmp, 'config.json'), 'w') as f:
       f.write(model_config.to_json(indent=2))
+    if vocab is not None:
+      with open(os.path.join(tmp, 'vocab.json'), 'w') as f:
+        json.dump(vocab, f)
 
 
 def _check_same_tree(path: str, saved, expected) -> None:

@@ -213,7 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   evaluators.check_best_metric(config, evals)
   if is_main:
     logging.info('data: %s', pipeline.dataset_summary(dataset))
-    checkpointing.write_config(workdir, config)
+    checkpointing.write_config(workdir, config, vocab=dataset.vocab)
 
   ckpt = checkpointing.Checkpoints(workdir, keep=config.checkpoint.keep)
   data_iter = pipeline.iterate(train_batches, num_threads=config.data.num_threads,

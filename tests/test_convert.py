@@ -1,6 +1,7 @@
 """Weight conversion: the CLI end to end, and every kind of bad input."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 from flax import nnx
 
 from configs import levir, reference_tiny
-from rsicrc_jax import convert, model_io, weights
+from rsicrc_jax import convert, model_io, predict, weights
 from rsicrc_jax.models.modified_resnet import ModifiedResNet
 
 from conftest import FIXTURES, assert_close, nhwc
@@ -39,6 +40,22 @@ def test_cli_rsicrc_end_to_end(tmp_path, state_npz, reference):
       model, nhwc(reference['input/img_before']), nhwc(reference['input/img_after']))
   assert_close(vis_emb, reference['eval/vis_emb'], name='vis_emb after convert + load')
   assert sorted(os.listdir(tmp_path)) == ['converted', 'model_best.npz']  # no temp leftovers
+
+
+def test_vocab_is_stored_with_the_weights_for_predict(tmp_path, state_npz):
+  config = reference_tiny.get_config()
+  vocab = {w: i for i, w in enumerate(['PAD', 'START', 'UNK', 'END'] + [
+      f'w{i}' for i in range(config.model.vocab_size - 4)])}
+  path = tmp_path / 'vocab.json'
+  path.write_text(json.dumps(vocab))
+  convert.convert_rsicrc(state_npz, config, str(tmp_path / 'm'), vocab_path=str(path))
+  assert predict.find_vocabulary(str(tmp_path / 'm')) == (vocab, str(tmp_path / 'm' / 'vocab.json'))
+  short = tmp_path / 'short.json'
+  short.write_text(json.dumps(dict(list(vocab.items())[:5])))
+  with pytest.raises(ValueError, match=f'has 5 words but config.model.vocab_size is '
+                     f'{config.model.vocab_size}'):
+    convert.convert_rsicrc(state_npz, config, str(tmp_path / 'n'), vocab_path=str(short))
+  assert not os.path.exists(tmp_path / 'n')
 
 
 def test_cli_reports_errors_and_writes_nothing(tmp_path, reference_state):

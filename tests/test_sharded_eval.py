@@ -35,3 +35,7 @@ def test_eval_on_eight_devices_matches_one_device(tmp_path):
   # config.hard_negatives: 8 devices mine the same negatives as one (8 train pairs, 40 items).
   assert r['mining'] == {'items': 40, 'found': r['mining']['found'], 'same_table': True}
   assert r['mining']['found'] > 20
+  # predict's tiles: batches of 5 rounded up to 8 and split over 8 devices, the same results.
+  got = r['predict']
+  assert got['split_over'] == [[1], [8]] and got['tiles'] == 6 and got['same_order']
+  assert got['same_tokens'] and got['max_diff_visual'] <= 1e-5 * got['scale_visual'] + 1e-6

@@ -371,3 +371,32 @@ def make_pair(seed: int, split: str, index: int, size: int = 96,
   """Returns (before uint8 (size, size, 3), after uint8 (size, size, 3), scene)."""
   scene = make_scene(seed, split, index, change_fraction)
   return (*render_pair(scene, size), scene)
+
+
+def write_scene_rasters(before_path: str, after_path: str, *, seed: int, rows: int, cols: int,
+                        size: int = 96, change_fraction: float = 1 / 3, split: str = 'scene',
+                        crs: str = 'EPSG:32631', origin: tuple[float, float] = (500000.0, 5000000.0),
+                        pixel_size: float = 0.5) -> list[dict]:
+  """A georeferenced scene for the own-imagery tool: rows x cols synthetic pairs laid out in a
+  grid and written as two 3-band uint8 GeoTIFFs (tiled, deflate) in a projected CRS, the
+  top-left corner at `origin` (x, y in metres), `pixel_size` metres per pixel. Returns, per
+  grid cell (row-major), its window [row, col, size, size] in pixels and its scene's events:
+  the ground truth of what changed there."""
+  import rasterio  # pylint: disable=import-outside-toplevel
+  from rasterio.transform import from_origin  # pylint: disable=import-outside-toplevel
+  height, width = rows * size, cols * size
+  profile = {'driver': 'GTiff', 'width': width, 'height': height, 'count': 3, 'dtype': 'uint8',
+             'crs': crs, 'transform': from_origin(*origin, pixel_size, pixel_size),
+             'tiled': True, 'blockxsize': 256, 'blockysize': 256, 'compress': 'deflate'}
+  truth = []
+  with rasterio.open(before_path, 'w', **profile) as fb, \
+       rasterio.open(after_path, 'w', **profile) as fa:
+    for r in range(rows):
+      for c in range(cols):
+        scene = make_scene(seed, split, r * cols + c, change_fraction)
+        before, after = render_pair(scene, size)
+        window = rasterio.windows.Window(c * size, r * size, size, size)
+        fb.write(np.moveaxis(before, -1, 0), window=window)
+        fa.write(np.moveaxis(after, -1, 0), window=window)
+        truth.append({'window': [r * size, c * size, size, size], **scene.to_json()})
+  return truth

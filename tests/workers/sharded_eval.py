@@ -35,13 +35,13 @@ def main(data_dir):
   model.eval()
   devices = jax.devices()
   # Record how many devices each embedding batch was split over.
-  seen, embed = [], evaluators.embed_pairs
+  seen, embed = [], evaluators._embed_images  # pylint: disable=protected-access
 
   def spy(graphdef, state, image_a, *args):
     seen.append(len(image_a.sharding.device_set))
     return embed(graphdef, state, image_a, *args)
 
-  evaluators.embed_pairs = spy
+  evaluators._embed_images = spy
   one, eight = Mesh(np.asarray(devices[:1]), ('data',)), Mesh(np.asarray(devices), ('data',))
   out = {'devices': len(devices)}
   for beam in (1, 2):
@@ -73,6 +73,28 @@ def main(data_dir):
       items), 1) for mesh in (one, eight)]
   out['mining'] = {'items': len(items), 'found': int((tables[0] >= 0).sum()),
                    'same_table': bool(np.array_equal(*tables))}
+  # The own-imagery tool embeds and captions tiles through the same Inference class.
+  from rsicrc_jax import predict  # pylint: disable=import-outside-toplevel
+  from rsicrc_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+  before, after = f'{data_dir}/scene_a.tif', f'{data_dir}/scene_b.tif'
+  synthetic.write_scene_rasters(before, after, seed=1, rows=2, cols=3, size=64)
+  imagery = predict.Imagery(before=before, after=after)
+  tiles = imagery.tiles(64)
+  got = []
+  for mesh in (one, eight):
+    seen.clear()
+    p = predict.Predictor('(in memory)', model, config.model.to_dict(), dataset.vocab, '', '',
+                          evaluators.Inference(model, mesh))
+    batches = list(predict.run_tiles(p, imagery, tiles, batch_size=5, decode=True,
+                                     progress=False))
+    got.append((sorted(set(seen)), [t.tile_id for b in batches for t in b.tiles],
+                np.concatenate([b.visual for b in batches]),
+                np.concatenate([b.tokens for b in batches])))
+  out['predict'] = {'split_over': [got[0][0], got[1][0]], 'tiles': len(got[1][1]),
+                    'same_order': got[0][1] == got[1][1],
+                    'same_tokens': bool(np.array_equal(got[0][3], got[1][3])),
+                    'max_diff_visual': float(np.abs(got[0][2] - got[1][2]).max()),
+                    'scale_visual': float(np.abs(got[0][2]).max())}
   print(json.dumps(out))
 
 

@@ -63,7 +63,11 @@ def run(num_devices, fsdp, accum=1):
   step = jax.jit(train.make_train_step(graphdef, c, opt),
                  in_shardings=(sh, sharding.batch_sharding(mesh)), out_shardings=(sh, None))
   grads = None
-  if accum == 1:  # the gradient function ignores grad_accum_steps: the accum runs would repeat it
+  # The full-batch gradient, compared tensor by tensor: once replicated (dp8). Not for the
+  # accumulation runs (the gradient function ignores grad_accum_steps: it would repeat) nor for
+  # FSDP, whose gradients show in the two steps' grad_norm and the second step's losses; each
+  # of these programs costs ~30 s of compilation.
+  if accum == 1 and not fsdp:
     grad_fn = jax.jit(train.make_grad_fn(graphdef, c),
                       in_shardings=(sh.params, sh.frozen, sh.batch_stats, sh.rng,
                                     sharding.batch_sharding(mesh)))
