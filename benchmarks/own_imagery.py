@@ -17,6 +17,7 @@ weights (levir: 224 px tiles cut from a 4-tile-wide scene), after a warm-up batc
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 
@@ -57,6 +58,7 @@ def quality(args):
   share = np.mean([bool(kinds[tuple(r['window'])]) for r in top])
   best_possible = min(changed, len(top)) / len(top)
   idx = os.path.join(work, 'index')
+  shutil.rmtree(idx, ignore_errors=True)  # a fresh index: time every tile
   t = time.perf_counter()
   idx_summary = predict.main(['index', *common, '--index', idx, '--caption'])
   idx_s = time.perf_counter() - t

@@ -488,7 +488,8 @@ def search(args) -> dict:
   if args.like:
     pos = idx.position(args.like)
     query = idx.embeddings()[pos:pos + 1]
-    scores, ids = idx.search(query, args.k + 1, approximate=args.approximate)
+    scores, ids = idx.search(query, args.k + 1, approximate=args.approximate,
+                             nprobe=args.nprobe)
     keep = ids[0] != pos
     scores, ids = scores[0][keep][:args.k], ids[0][keep][:args.k]
   else:
@@ -507,7 +508,7 @@ def search(args) -> dict:
     query = predictor.text_embeddings(tokens[None])
     if args.focus_change:
       query = focus_on_change(query, predictor.no_change_embedding())
-    scores, ids = idx.search(query, args.k, approximate=args.approximate)
+    scores, ids = idx.search(query, args.k, approximate=args.approximate, nprobe=args.nprobe)
     scores, ids = scores[0], ids[0]
   results = []
   for rank, (s, i) in enumerate(zip(scores, ids), 1):
@@ -677,6 +678,9 @@ def parser() -> argparse.ArgumentParser:
   s.add_argument('--approximate', action='store_true', help='FAISS inverted-file search '
                  '(needs the faiss extra): for archives of millions of pairs; built once and '
                  'kept in IDX/ann/.')
+  s.add_argument('--nprobe', type=int, default=0, help='--approximate: clusters visited per '
+                 'query (default: an eighth of them, at least 32); more is slower and finds '
+                 'more of the exact top k.')
   s.add_argument('--focus_change', action='store_true', help='Rank by what the query says '
                  'beyond "nothing changed": the query embedding minus its component along the '
                  'no-change sentences\' embedding (the one the change score uses). Helps when '
@@ -694,7 +698,7 @@ def _check(args) -> None:
   for name in ('batch_size', 'num_threads', 'num_processes', 'segment_tiles', 'k', 'beam_size'):
     if getattr(args, name, 1) < 1:
       raise ValueError(f'--{name} {getattr(args, name)}: expected >= 1')
-  for name in ('tile', 'stride', 'report_tiles'):
+  for name in ('tile', 'stride', 'report_tiles', 'nprobe'):
     if getattr(args, name, 0) < 0:
       raise ValueError(f'--{name} {getattr(args, name)}: expected >= 0')
   if not 0 <= getattr(args, 'max_nodata', 0) <= 1:
