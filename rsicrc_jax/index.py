@@ -282,7 +282,14 @@ class TileIndex:
     return len(self._load()[0])
 
   def tile_ids(self) -> set[str]:
-    return set(self._load()[0].tolist())
+    """The stored tiles' ids, read without the embeddings (what `index` checks first)."""
+    if self._cache is not None:
+      return set(self._load()[0].tolist())
+    ids = set()
+    for name in self.segments():
+      with np.load(os.path.join(self.path, SEGMENTS, name)) as z:
+        ids.update(z['tile_ids'].tolist())
+    return ids
 
   def embeddings(self) -> np.ndarray:
     return self._load()[2]

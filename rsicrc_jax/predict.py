@@ -255,6 +255,11 @@ class Imagery:
   def aligned(self) -> bool:
     return any(g[2] for g in self._grids.values())
 
+  def settings(self) -> dict:
+    """How tiles are read, stored in the index so that `search` reads them back the same way."""
+    return {'bands': list(self.bands) if self.bands else None,
+            'percentiles': list(self.percentiles), 'align': self.align}
+
 
 def process_share(tiles: list, process_id: int, num_processes: int) -> list:
   if not 0 <= process_id < num_processes:
@@ -452,7 +457,8 @@ def build_index(args) -> dict:
                          num_threads=args.num_threads, progress=not args.quiet, skipped=skipped):
     scores = change_scores(batch.visual, no_change)
     for i, t in enumerate(batch.tiles):
-      rec = {**t.to_json(), **imagery.geo(t), 'change_score': float(scores[i])}
+      rec = {**t.to_json(), **imagery.geo(t), 'change_score': float(scores[i]),
+             'read': imagery.settings()}
       if batch.tokens is not None:
         rec['caption'] = cap.decode_caption(batch.tokens[i], words)
       pending_r.append(rec)
@@ -528,7 +534,7 @@ def search(args) -> dict:
     if any(r.get('footprint') for r in results):
       report.write_geojson(os.path.join(out, 'results.geojson'), results,
                            ('rank', 'score', 'tile_id', 'caption', 'window', 'bbox'))
-    imagery = _SourceReader(args.bands)
+    imagery = _SourceReader(results)
     title = f'Search: "{args.query}"' if args.query else f'Pairs like {args.like}'
     meta = [f'index: {idx.path} ({len(idx)} tiles)',
             'exact search' if not args.approximate else 'approximate search (FAISS IVF)']
@@ -550,14 +556,18 @@ def search(args) -> dict:
 
 
 class _SourceReader:
-  """Reads result tiles back from their source images for the thumbnails."""
+  """Reads result tiles back from their source images for the thumbnails, as `index` read them
+  (its bands, stretch and alignment are stored with each tile)."""
 
-  def __init__(self, bands):
-    self.bands = rasters.parse_bands(bands)
+  def __init__(self, results: list[dict]):
+    self.settings = {r['tile_id']: r.get('read', {}) for r in results}
 
   def read(self, tile, image_size):
     from rsicrc_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-    pair = rasters.RasterPair(tile.before, tile.after, bands=self.bands, align=True)
+    how = self.settings.get(tile.tile_id, {})
+    pair = rasters.RasterPair(tile.before, tile.after, bands=how.get('bands'),
+                              align=how.get('align', False),
+                              percentiles=tuple(how.get('percentiles', (2.0, 98.0))))
     try:
       a, b, nodata = pair.read(tile.window)
     finally:
@@ -687,7 +697,6 @@ def parser() -> argparse.ArgumentParser:
                  'a short query sits close to "no change" and unchanged pairs come first.')
   s.add_argument('--checkpoint', help='The model that built the index (default: the path the '
                  'index recorded); its weights must match.')
-  s.add_argument('--bands', help='Bands for the thumbnails, as given to index.')
   s.add_argument('--out', required=True, help='Output directory.')
   s.add_argument('--overwrite', action='store_true', help='Replace an existing --out.')
   s.add_argument('--quiet', action='store_true', help='Print nothing.')

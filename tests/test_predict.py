@@ -281,6 +281,16 @@ def test_sixteen_bit_multiband_is_stretched_and_nodata_tiles_are_skipped(model_d
   summary = _run('caption', '--checkpoint', model_dir, '--before', paths[0][0], '--after',
                  paths[1][0], '--bands', '3,2,1', '--out', str(tmp_path / 'out'))
   assert (summary['captioned'], summary['skipped_nodata']) == (3, 1)
+  # The index keeps how tiles were read, so that search's thumbnails show the same picture.
+  idx_dir = str(tmp_path / 'idx')
+  _run('index', '--checkpoint', model_dir, '--before', paths[0][0], '--after', paths[1][0],
+       '--bands', '3,2,1', '--index', idx_dir)
+  idx = emb_index.TileIndex(idx_dir)
+  rec = idx.record(0)
+  assert rec['read'] == {'bands': [3, 2, 1], 'percentiles': [2.0, 98.0], 'align': False}
+  tile = rasters.Tile(rec['tile_id'], rec['before'], rec['after'], tuple(rec['window']))
+  back = predict._SourceReader([rec]).read(tile, SIZE)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(back[0], got)
 
 
 def test_bad_input_is_named_and_nothing_is_half_written(model_dir, scene, tmp_path):
