@@ -1,5 +1,5 @@
-"""TFDS builders: LEVIR-CC, LEVIR-MCI and WHU-CDC from their manual downloads, and the embedded
-synthetic dataset.
+"""TFDS builders: LEVIR-CC, LEVIR-MCI and WHU-CDC from their manual downloads, a user's own
+change captions (`change_captions`), and the embedded synthetic dataset.
 
 All write the same features, so the input pipeline reads any of them:
 
@@ -24,6 +24,7 @@ The `tfds build datasets/<name>` entry points subclass these builders.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -315,6 +316,90 @@ class WhuCDCBuilder(LevirCCBuilder, skip_registration=True):
   Download WHU-CDC and pass the folder that holds `whuCCcaptions.json` and
   `images/{train,val,test}/{A,B,label}/*.png` as --manual_dir.
   """
+
+
+@dataclasses.dataclass(eq=False)
+class ChangeCaptionsConfig(CaptionBuilderConfig):
+  # Every picture must have this size; with stored_size set, pictures of any size are resized
+  # and centre-cropped to stored_size instead (SPEC section 2, as the pipeline would).
+  image_size: int = 256
+
+
+class ChangeCaptionsBuilder(LevirCCBuilder, skip_registration=True):
+  """A user's own change-captioned pairs: before/after images and a captions JSON or CSV."""
+
+  name = 'change_captions'
+  builder_config_cls = ChangeCaptionsConfig
+  HOMEPAGE = ''
+  BUILDER_CONFIGS = [ChangeCaptionsConfig(
+      name='default', description='256x256 pairs; pass stored_size for other sizes.')]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Pass as --manual_dir a folder holding ONE captions file:
+  - captions.json in the LEVIR-CC schema ({"images": [{"filepath", "filename", "split",
+    "sentences": [{"raw": ...}], "changeflag" (optional)}]}) with the pictures at
+    images/<filepath>/A/<filename> and images/<filepath>/B/<filename>; "imgid" and "tokens" may
+    be left out, and a pair may have any number of captions;
+  - or captions.csv with a header and rows before,after,split,caption (paths relative to the
+    folder; one row per caption, several per pair).
+  Pairs with fewer than 5 captions repeat them; beyond 5 the first 5 are kept (the build reports
+  how many were dropped). A pair without changeflag is unchanged iff all its captions are
+  LEVIR-CC's no-change sentences.
+  """
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    root = os.fspath(dl_manager.manual_dir)
+    found = [n for n in ('captions.json', 'captions.csv') if os.path.isfile(os.path.join(root, n))]
+    _check(len(found) == 1, f'{root}: expected one captions file, captions.json (the LEVIR-CC '
+           'schema) or captions.csv (before,after,split,caption); found '
+           + (' and '.join(found) if found else 'neither'))
+    path = os.path.join(root, found[0])
+    if found[0] == 'captions.json':
+      records = cap.read_captions(path, strict=False)
+      with open(path, encoding='utf-8') as f:
+        counts = [len(e.get('sentences', [])) for e in json.load(f)['images']]
+      paths = {r.imgid: tuple(os.path.join('images', r.filepath, side, r.filename)
+                              for side in ('A', 'B')) for r in records}
+    else:
+      records, paths = cap.read_caption_csv(path)
+      counts = None
+    paths = {k: tuple(os.path.join(root, p) for p in v) for k, v in paths.items()}
+    missing = [p for pair in paths.values() for p in pair if not os.path.isfile(p)]
+    _check(not missing, f'{path} lists {2 * len(paths)} images; {len(missing)} are missing, e.g. '
+           + ', '.join(missing[:5]))
+    self._prepare_metadata(records)
+    dropped = (sum(max(0, n - cap.CAPTIONS_PER_PAIR) for n in counts) if counts is not None
+               else self._csv_dropped(path))
+    self.info.metadata.update({'captions_file': found[0], 'captions_dropped': dropped,
+                               'pairs_unchanged': sum(r.changeflag == 0 for r in records)})
+    return {s: self._generate_pairs(paths, [r for r in records if r.split == s])
+            for s in cap.SPLITS if any(r.split == s for r in records)}
+
+  @staticmethod
+  def _csv_dropped(path: str) -> int:
+    import csv  # pylint: disable=import-outside-toplevel
+    with open(path, newline='', encoding='utf-8') as f:
+      per_pair = collections.Counter((r['before'].strip(), r['after'].strip())
+                                     for r in csv.DictReader(f))
+    return sum(max(0, n - cap.CAPTIONS_PER_PAIR) for n in per_pair.values())
+
+  def _read_image(self, path: str) -> np.ndarray:
+    if not self.builder_config.stored_size:
+      return super()._read_image(path)
+    from PIL import Image, UnidentifiedImageError  # pylint: disable=import-outside-toplevel
+    try:
+      with Image.open(path) as im:
+        return np.asarray(im.convert('RGB'))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+      raise cap.DataError(f'{path}: cannot decode the image ({e})') from e
+
+  def _generate_pairs(self, paths, records):
+    for rec in records:
+      path_a, path_b = paths[rec.imgid]
+      image_a, image_b = self._read_image(path_a), self._read_image(path_b)
+      _check(image_a.shape == image_b.shape, f'{path_a} is {image_a.shape[:2]} but {path_b} is '
+             f'{image_b.shape[:2]}: a pair must have one size')
+      yield rec.imgid, {'image_a': self._store(image_a), 'image_b': self._store(image_b),
+                        **self._text_features(rec)}
 
 
 @dataclasses.dataclass(eq=False)

@@ -67,8 +67,21 @@ def _expect(cond: bool, path: str, where: str, what: str) -> None:
     raise DataError(f'{path}: {where}: expected {what}')
 
 
-def parse_captions(data: object, path: str = '<captions json>') -> list[PairRecord]:
-  """Validates the LEVIR-CC caption schema and returns one record per pair."""
+def fill_captions(raws: Sequence[str]) -> tuple[tuple[str, ...], int]:
+  """A user's 1..n captions of a pair -> exactly CAPTIONS_PER_PAIR (fewer are repeated in
+  order, so that training samples each about equally often; repeats are the same sentence to the
+  FNA loss), and how many beyond the first CAPTIONS_PER_PAIR were dropped."""
+  raws = tuple(raws)
+  filled = tuple(raws[i % len(raws)] for i in range(CAPTIONS_PER_PAIR))
+  return filled, max(0, len(raws) - CAPTIONS_PER_PAIR)
+
+
+def parse_captions(data: object, path: str = '<captions json>', *,
+                   strict: bool = True) -> list[PairRecord]:
+  """Validates the LEVIR-CC caption schema and returns one record per pair. With `strict`
+  off (a user's own data, `change_captions`), `imgid` and each sentence's `tokens` may be left
+  out (ids follow the order; tokens are the normalised words of `raw`) and a pair may have any
+  number of captions from one (`fill_captions`)."""
   _expect(isinstance(data, dict) and isinstance(data.get('images'), list), path, 'top level',
           'an object {"images": [...]} (the LevirCCcaptions.json schema)')
   records = []
@@ -78,6 +91,15 @@ def parse_captions(data: object, path: str = '<captions json>') -> list[PairReco
     _expect(isinstance(entry, dict), path, where, 'an object')
     if isinstance(entry.get('filename'), str):
       where = f'{where} ({entry["filename"]})'
+    if not strict:
+      entry = {'imgid': i, **entry}
+      sentences = entry.get('sentences')
+      if isinstance(sentences, list) and sentences and all(
+          isinstance(x, dict) and isinstance(x.get('raw'), str) for x in sentences):
+        raws, _ = fill_captions([x['raw'] for x in sentences])
+        entry['sentences'] = [{'raw': r, 'tokens': next(
+            (x['tokens'] for x in sentences if x['raw'] == r and 'tokens' in x),
+            normalize_caption(r).split())} for r in raws]
     for key, kind in (('filepath', str), ('filename', str), ('imgid', int), ('split', str),
                       ('sentences', list)):
       _expect(key in entry, path, where, f'key "{key}"')
@@ -90,7 +112,8 @@ def parse_captions(data: object, path: str = '<captions json>') -> list[PairReco
     seen_ids[entry['imgid']] = i
     sentences = entry['sentences']
     _expect(len(sentences) == CAPTIONS_PER_PAIR, path, f'{where}.sentences',
-            f'{CAPTIONS_PER_PAIR} captions, got {len(sentences)}')
+            f'{CAPTIONS_PER_PAIR} captions, got {len(sentences)}' if strict else
+            'at least one caption object with a string "raw"')
     raws, tokens = [], []
     for j, s in enumerate(sentences):
       sw = f'{where}.sentences[{j}]'
@@ -112,9 +135,9 @@ def parse_captions(data: object, path: str = '<captions json>') -> list[PairReco
   return records
 
 
-def read_captions(path: str | os.PathLike) -> list[PairRecord]:
+def read_captions(path: str | os.PathLike, *, strict: bool = True) -> list[PairRecord]:
   """Reads and validates a captions JSON in the LEVIR-CC schema (`LevirCCcaptions.json`, WHU-CDC's
-  `whuCCcaptions.json`)."""
+  `whuCCcaptions.json`; with `strict` off, a user's own, see parse_captions)."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise DataError(f'{path}: caption file not found (expected the download\'s captions JSON, '
@@ -124,7 +147,7 @@ def read_captions(path: str | os.PathLike) -> list[PairRecord]:
       data = json.load(f)
   except json.JSONDecodeError as e:
     raise DataError(f'{path}: not valid JSON ({e})') from e
-  return parse_captions(data, path)
+  return parse_captions(data, path, strict=strict)
 
 
 def build_vocabulary(token_lists: Iterable[Sequence[str]], min_count: int = 5) -> dict[str, int]:
@@ -195,3 +218,51 @@ def id_to_word(vocab: Mapping[str, int]) -> list[str]:
   for w, i in vocab.items():
     words[i] = w
   return words
+
+
+CSV_COLUMNS = ('before', 'after', 'split', 'caption')
+
+
+def read_caption_csv(path: str | os.PathLike) -> tuple[list[PairRecord], dict[int, tuple[str, str]]]:
+  """A user's captions as CSV: a header naming the columns `before,after,split,caption` (others
+  are ignored), then one row per caption, several rows per pair allowed. before/after are image
+  paths relative to the CSV's folder. Returns one record per pair, in the order pairs first
+  appear (captions filled to CAPTIONS_PER_PAIR by `fill_captions`, changeflag by the SPEC rule),
+  and {imgid: (before path, after path)}."""
+  import csv  # pylint: disable=import-outside-toplevel
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise DataError(f'{path}: caption file not found')
+  pairs: dict[tuple[str, str], dict] = {}
+  with open(path, newline='', encoding='utf-8') as f:
+    reader = csv.DictReader(f)
+    missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+      raise DataError(f'{path}: the header lacks column(s) {missing}; expected '
+                      f'{",".join(CSV_COLUMNS)} (found {reader.fieldnames})')
+    for row in reader:
+      line = reader.line_num
+      values = {c: (row[c] or '').strip() for c in CSV_COLUMNS}
+      for c in CSV_COLUMNS:
+        if not values[c]:
+          raise DataError(f'{path}: line {line}: empty "{c}"')
+      if values['split'] not in SPLITS:
+        raise DataError(f'{path}: line {line}: split {values["split"]!r}, expected one of '
+                        f'{SPLITS}')
+      if not normalize_caption(values['caption']):
+        raise DataError(f'{path}: line {line}: the caption {values["caption"]!r} has no words')
+      key = (values['before'], values['after'])
+      pair = pairs.setdefault(key, {'split': values['split'], 'line': line, 'raws': []})
+      if pair['split'] != values['split']:
+        raise DataError(f'{path}: line {line}: {key[0]} -> {key[1]} is in split '
+                        f'{values["split"]!r} here but {pair["split"]!r} on line {pair["line"]}')
+      pair['raws'].append(values['caption'])
+  if not pairs:
+    raise DataError(f'{path}: no caption rows after the header')
+  records, paths = [], {}
+  for imgid, ((before, after), pair) in enumerate(pairs.items()):
+    raws, _ = fill_captions(pair['raws'])
+    records.append(PairRecord('', before, imgid, pair['split'], infer_changeflag(raws), raws,
+                              tuple(tuple(normalize_caption(r).split()) for r in raws)))
+    paths[imgid] = (before, after)
+  return records, paths

@@ -34,7 +34,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # ImageNet's for the torchvision ResNets (SPEC section 10).
 NORMALIZATION = {'clip': (CLIP_MEAN, CLIP_STD), 'imagenet': (IMAGENET_MEAN, IMAGENET_STD)}
 
-DATASETS = ('levir_cc', 'levir_mci', 'whu_cdc', 'synthetic_cc')
+DATASETS = ('levir_cc', 'levir_mci', 'whu_cdc', 'change_captions', 'synthetic_cc')
 
 # grain is imported inside the two functions that build and iterate batches, not here: the train
 # step and decoding import this module (normalize_images) and must also run where grain is not
@@ -49,10 +49,11 @@ def _builders():
 
 
 def build_hint(name: str) -> str:
-  if name == 'levir_cc':
-    return ('tfds build datasets/levir_cc --manual_dir /path/to/Levir-CC-dataset '
-            '[--data_dir DIR]')
-  return 'tfds build datasets/synthetic_cc [--data_dir DIR]'
+  if name == 'synthetic_cc':
+    return 'tfds build datasets/synthetic_cc [--data_dir DIR]'
+  folder = {'levir_cc': '/path/to/Levir-CC-dataset', 'change_captions': '/path/to/your/pairs'}
+  return (f'tfds build datasets/{name} --manual_dir {folder.get(name, "/path/to/download")} '
+          '[--data_dir DIR]')
 
 
 @dataclasses.dataclass
@@ -90,7 +91,8 @@ def make_builder(data_cfg: Mapping[str, Any]):
                         f'{sorted(DATASETS)}')
   builders = _builders()
   cls = {'levir_cc': builders.LevirCCBuilder, 'levir_mci': builders.LevirMCIBuilder,
-         'whu_cdc': builders.WhuCDCBuilder, 'synthetic_cc': builders.SyntheticCCBuilder}[name]
+         'whu_cdc': builders.WhuCDCBuilder, 'change_captions': builders.ChangeCaptionsBuilder,
+         'synthetic_cc': builders.SyntheticCCBuilder}[name]
   fields = dict(data_cfg.get('builder_config') or {})
   fields.setdefault('name', 'default')
   known = set(builders.config_fields(cls.BUILDER_CONFIGS[0])) | {'name', 'description'}
