@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 import uuid
 
@@ -158,10 +159,17 @@ class IndexDirError(ValueError):
   """An index directory that cannot be used as asked; the message names the directory."""
 
 
+def _tmp_prefix() -> str:
+  """Temporary files carry their writer's host and process, so that a later run can tell a
+  leftover of a killed writer from another process's write in flight."""
+  return f'.tmp-{socket.gethostname()}-{os.getpid()}-'
+
+
 def _write_atomic(path: str, write) -> None:
   """write(file object) into a temporary file beside `path`, synced, then renamed over it: a
   reader sees the old file or the new one, never half of one."""
-  tmp = os.path.join(os.path.dirname(path), f'.tmp-{os.path.basename(path)}-{uuid.uuid4().hex}')
+  tmp = os.path.join(os.path.dirname(path),
+                     f'{_tmp_prefix()}{uuid.uuid4().hex}-{os.path.basename(path)}')
   try:
     with open(tmp, 'wb') as f:
       write(f)
@@ -234,6 +242,26 @@ class TileIndex:
   @property
   def vocab(self) -> dict[str, int]:
     return self.manifest['vocab']
+
+  def remove_leftovers(self) -> list[str]:
+    """Deletes the temporary files of writers on this host that no longer run (a killed
+    `index`); those of live processes, or of other hosts sharing the directory, stay."""
+    host, removed = socket.gethostname(), []
+    d = os.path.join(self.path, SEGMENTS)
+    for name in os.listdir(d):
+      parts = name.split('-')
+      if not name.startswith('.tmp-') or len(parts) < 4 or parts[1] != host:
+        continue
+      try:
+        os.kill(int(parts[2]), 0)
+        continue  # still running
+      except ProcessLookupError:
+        pass
+      except (ValueError, PermissionError):
+        continue
+      os.remove(os.path.join(d, name))
+      removed.append(name)
+    return removed
 
   def segments(self) -> list[str]:
     d = os.path.join(self.path, SEGMENTS)

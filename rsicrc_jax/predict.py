@@ -438,6 +438,7 @@ def build_index(args) -> dict:
   no_change = predictor.no_change_embedding()
   idx = emb_index.TileIndex.open_or_create(args.index, embedding_dim=len(no_change),
                                            model=predictor.describe(), vocab=predictor.vocab)
+  idx.remove_leftovers()  # half-written segments of a killed run
   present = idx.tile_ids()
   todo = [t for t in tiles if t.tile_id not in present]
   words = cap.id_to_word(predictor.vocab)

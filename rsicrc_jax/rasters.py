@@ -28,6 +28,9 @@ class InputError(cap.DataError):
 
 def _rasterio():
   import rasterio  # pylint: disable=import-outside-toplevel
+  # PNG and JPEG pairs have no georeferencing, which is fine here; the warnings filter is
+  # process-wide because reader threads open files too (catch_warnings is not thread-safe).
+  warnings.filterwarnings('ignore', category=rasterio.errors.NotGeoreferencedWarning)
   return rasterio
 
 
@@ -77,9 +80,7 @@ def _open(path: str):
   if not os.path.exists(path):
     raise InputError(f'{path}: no such file')
   try:
-    with warnings.catch_warnings():
-      warnings.simplefilter('ignore', rasterio.errors.NotGeoreferencedWarning)
-      return rasterio.open(path)
+    return rasterio.open(path)
   except rasterio.errors.RasterioIOError as err:
     raise InputError(f'{path}: cannot be read as an image ({err})') from err
 

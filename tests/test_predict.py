@@ -220,7 +220,12 @@ def test_index_killed_and_run_again_has_every_tile_once(model_dir, scene, tmp_pa
   idx = emb_index.TileIndex(idx_dir)
   ids = np.concatenate([np.load(os.path.join(seg_dir, s))['tile_ids'] for s in idx.segments()])
   assert len(ids) == len(set(ids)) == ROWS * COLS  # none missing, none twice
+  # The segment being written when it was killed (if any) is gone: the rerun removed it.
   assert not [n for n in os.listdir(seg_dir) if n.startswith('.tmp')]
+  # A temporary file of a live writer (this process) is never touched.
+  live = os.path.join(seg_dir, f'{emb_index._tmp_prefix()}x-y.npz')  # pylint: disable=protected-access
+  open(live, 'w').close()
+  assert idx.remove_leftovers() == [] and os.path.exists(live)
 
 
 def test_align_warps_the_after_image_onto_the_before_grid(model_dir, scene, tmp_path):
@@ -408,3 +413,20 @@ def test_a_folder_of_png_pairs_of_any_size(model_dir, tmp_path):
   tiled = predict.Imagery(pairs=str(folder), tile=64, stride=32).tiles(SIZE)
   assert [t.tile_id for t in tiled] == ['p1_r0_c0', 'p2_r0_c0', 'p2_r0_c32', 'p2_r0_c64',
                                         'p2_r16_c0', 'p2_r16_c32', 'p2_r16_c64']
+
+
+def test_leftovers_of_dead_writers_on_this_host_are_removed_others_kept(tmp_path):
+  idx = emb_index.TileIndex.open_or_create(str(tmp_path / 'idx'), embedding_dim=2,
+                                           model={'fingerprint': 'f', 'checkpoint': 'c'},
+                                           vocab={})
+  dead = subprocess.Popen(['true'])
+  dead.wait()  # its pid no longer runs
+  seg = tmp_path / 'idx' / 'segments'
+  host = emb_index.socket.gethostname()
+  names = [f'.tmp-{host}-{dead.pid}-aa-s.npz', f'.tmp-{host}-{os.getpid()}-bb-s.npz',
+           f'.tmp-elsewhere-{dead.pid}-cc-s.npz']
+  for n in names:
+    (seg / n).write_bytes(b'partial')
+  idx.add([{'tile_id': 't0'}], np.ones((1, 2)))
+  assert idx.remove_leftovers() == [names[0]]
+  assert sorted(os.listdir(seg))[:2] == sorted(names[1:]) and len(idx) == 1
