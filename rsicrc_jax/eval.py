@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 from absl import app
@@ -41,6 +42,13 @@ def figure_pairs(changed: np.ndarray, num: int) -> list[int]:
   if len(picked) < num:  # too few of one kind: fill with the other
     picked += [i for i in range(len(changed)) if i not in picked][:num - len(picked)]
   return sorted(int(i) for i in picked)
+
+
+def figure_file(i: int, filename: str) -> str:
+  """The figure of pair i: '007_train_000016.png'. A pair named by a path (change_captions'
+  CSV: 'before/0001.png') gives one flat file name, 'before_0001'."""
+  stem = re.sub(r'[^\w.-]+', '_', os.path.splitext(filename)[0]).strip('_')
+  return f'{i:03d}_{stem}.png'
 
 
 _MASK_COLOURS = ('cyan', 'lime', 'yellow', 'orange')
@@ -102,7 +110,7 @@ def save_figures(run, dataset, split, config, out_dir, num: int) -> list[str]:
     fig.text(0.03, 0.25, f'generated: {run["hypothesis"][i]}', fontsize=12, weight='bold',
              va='top', wrap=True)
     fig.text(0.03, 0.19, f'references:\n{refs}', fontsize=10, va='top', family='monospace')
-    path = os.path.join(out_dir, f'{i:03d}_{os.path.splitext(name)[0]}.png')
+    path = os.path.join(out_dir, figure_file(i, name))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     paths.append(path)

@@ -162,3 +162,11 @@ def test_bad_input_names_the_file_or_line_and_leaves_nothing(tmp_path, damage, m
   with pytest.raises(cap.DataError, match=message):
     _build(root, data_dir)  # wrong_size: 80x64 pictures with no stored_size
   assert dataset_files(data_dir) == []
+
+
+def test_pairs_named_by_paths_get_flat_figure_files():
+  """eval draws figures per pair; a CSV pair is named by its path ('before/0001.png')."""
+  from rsicrc_jax import eval as rsicrc_eval  # pylint: disable=import-outside-toplevel
+  assert rsicrc_eval.figure_file(7, 'before/0001.png') == '007_before_0001.png'
+  assert rsicrc_eval.figure_file(0, 'train_000016.png') == '000_train_000016.png'
+  assert rsicrc_eval.figure_file(3, 'a b/c:d.jpg') == '003_a_b_c_d.png'
