@@ -136,10 +136,24 @@ class Predictor:
                                                  - n, axis=0)])
     return np.asarray(self.inference.embed_text(rows))[:n]
 
-  def no_change_embedding(self) -> np.ndarray:
-    """The mean of the normalised text embeddings of LEVIR-CC's five no-change sentences: the
-    point a change score measures the distance from."""
-    rows = [query_tokens(s, self.vocab, self.max_len)[0] for s in cap.NO_CHANGE_SENTENCES]
+  @property
+  def embedding_dim(self) -> int:
+    row = np.full((1, self.max_len), cap.PAD, np.int32)
+    row[0, :2] = cap.START, cap.END
+    return int(self.text_embeddings(row).shape[-1])
+
+  def no_change_embedding(self) -> np.ndarray | None:
+    """The mean of the normalised text embeddings of LEVIR-CC's five no-change sentences (those
+    with a word in the vocabulary): the point a change score measures the distance from. None
+    when the vocabulary has none of their words (a model trained on other captions)."""
+    rows = []
+    for sentence in cap.NO_CHANGE_SENTENCES:
+      try:
+        rows.append(query_tokens(sentence, self.vocab, self.max_len)[0])
+      except ValueError:
+        continue
+    if not rows:
+      return None
     mean = emb_index.normalize(self.text_embeddings(np.stack(rows))).mean(0, keepdims=True)
     return emb_index.normalize(mean)[0]
 
@@ -172,10 +186,17 @@ def focus_on_change(query: np.ndarray, no_change: np.ndarray) -> np.ndarray:
   return q - (q @ no_change)[:, None] * no_change[None, :]
 
 
-def change_scores(visual: np.ndarray, no_change: np.ndarray) -> np.ndarray:
+def change_scores(visual: np.ndarray, no_change: np.ndarray | None) -> list[float | None]:
   """1 - cosine(pair embedding, no-change embedding), in [0, 2]: larger is further from 'no
-  change', so changed tiles sort first."""
-  return 1.0 - emb_index.normalize(visual) @ no_change
+  change', so changed tiles sort first. None for each pair when the model has no no-change
+  embedding (see Predictor.no_change_embedding)."""
+  if no_change is None:
+    return [None] * len(visual)
+  return [float(x) for x in 1.0 - emb_index.normalize(visual) @ no_change]
+
+
+_NO_SCORE = ('change scores: none (the model\'s vocabulary has no word of the no-change '
+             'sentences they are measured from)')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,7 +362,7 @@ def caption(args) -> dict:
       text = cap.decode_caption(batch.tokens[i], words)
       geo = imagery.geo(t)
       records.append({'tile_id': t.tile_id, 'window': list(t.window), 'bbox': geo['bbox'],
-                      'crs': geo['crs'], 'caption': text, 'change_score': float(scores[i]),
+                      'crs': geo['crs'], 'caption': text, 'change_score': scores[i],
                       'before': t.before, 'after': t.after, 'footprint': geo['footprint']})
       if batch.attention is not None:
         maps[t.tile_id] = evaluators.attention_map(batch.attention[i], text)
@@ -356,16 +377,26 @@ def caption(args) -> dict:
     if any(r['footprint'] for r in records):
       report.write_geojson(os.path.join(out, 'captions.geojson'), records,
                            ('tile_id', 'caption', 'change_score', 'window', 'bbox'))
-    ranked = sorted(records, key=lambda r: -r['change_score'])
-    _html_report(os.path.join(out, 'report.html'), 'Changes, most changed first', ranked,
-                 imagery, predictor.image_size, maps, args.report_tiles, _meta(summary, args),
-                 lambda r: f'change score {r["change_score"]:.3f}')
+    if no_change is None:
+      ranked, title, meta = records, 'Tiles', _meta(summary, args) + [_NO_SCORE]
+    else:
+      ranked = sorted(records, key=lambda r: -r['change_score'])
+      title, meta = 'Changes, most changed first', _meta(summary, args)
+    _html_report(os.path.join(out, 'report.html'), title, ranked, imagery, predictor.image_size,
+                 maps, args.report_tiles, meta, _score_line)
     with open(os.path.join(out, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=1)
   if not args.quiet:
     print(f'{len(records)} tiles captioned ({summary["tiles_per_s"]} tiles/s), '
           f'{len(skipped)} skipped as nodata; written to {os.path.abspath(args.out)}')
   return summary
+
+
+def _score_line(r: dict) -> str:
+  parts = [f'score {r["score"]:.4f}'] if 'score' in r else []
+  if r.get('change_score') is not None:
+    parts.append(f'change score {r["change_score"]:.3f}')
+  return ', '.join(parts)
 
 
 def _meta(summary: dict, args) -> list[str]:
@@ -436,7 +467,7 @@ def build_index(args) -> dict:
   imagery = _imagery(args)
   tiles = process_share(imagery.tiles(predictor.image_size), args.process_id, args.num_processes)
   no_change = predictor.no_change_embedding()
-  idx = emb_index.TileIndex.open_or_create(args.index, embedding_dim=len(no_change),
+  idx = emb_index.TileIndex.open_or_create(args.index, embedding_dim=predictor.embedding_dim,
                                            model=predictor.describe(), vocab=predictor.vocab)
   idx.remove_leftovers()  # half-written segments of a killed run
   present = idx.tile_ids()
@@ -458,7 +489,7 @@ def build_index(args) -> dict:
                          num_threads=args.num_threads, progress=not args.quiet, skipped=skipped):
     scores = change_scores(batch.visual, no_change)
     for i, t in enumerate(batch.tiles):
-      rec = {**t.to_json(), **imagery.geo(t), 'change_score': float(scores[i]),
+      rec = {**t.to_json(), **imagery.geo(t), 'change_score': scores[i],
              'read': imagery.settings()}
       if batch.tokens is not None:
         rec['caption'] = cap.decode_caption(batch.tokens[i], words)
@@ -514,7 +545,10 @@ def search(args) -> dict:
           '--checkpoint with that model')
     query = predictor.text_embeddings(tokens[None])
     if args.focus_change:
-      query = focus_on_change(query, predictor.no_change_embedding())
+      no_change = predictor.no_change_embedding()
+      if no_change is None:
+        raise ValueError(f'--focus_change: {_NO_SCORE}')
+      query = focus_on_change(query, no_change)
     scores, ids = idx.search(query, args.k, approximate=args.approximate, nprobe=args.nprobe)
     scores, ids = scores[0], ids[0]
   results = []
@@ -544,9 +578,7 @@ def search(args) -> dict:
     if unknown:
       meta.append('not in the vocabulary (read as UNK): ' + ', '.join(unknown))
     _html_report(os.path.join(out, 'results.html'), title, results, imagery,
-                 int(idx.manifest['model']['image_size']), {}, 0, meta,
-                 lambda r: f'score {r["score"]:.4f}'
-                 + (f', change score {r["change_score"]:.3f}' if 'change_score' in r else ''))
+                 int(idx.manifest['model']['image_size']), {}, 0, meta, _score_line)
     with open(os.path.join(out, 'search.json'), 'w') as f:
       json.dump(summary, f, indent=1)
   if not args.quiet:

@@ -430,3 +430,23 @@ def test_leftovers_of_dead_writers_on_this_host_are_removed_others_kept(tmp_path
   idx.add([{'tile_id': 't0'}], np.ones((1, 2)))
   assert idx.remove_leftovers() == [names[0]]
   assert sorted(os.listdir(seg))[:2] == sorted(names[1:]) and len(idx) == 1
+
+
+def test_a_vocabulary_without_the_no_change_words_gives_no_change_score(model_dir):
+  """A model trained on other captions (a user's change_captions dataset) may lack every word of
+  LEVIR-CC's no-change sentences: no change score then, rather than a failure; sentences with
+  some known words still count."""
+  p = predict.Predictor.load(model_dir)
+  assert p.no_change_embedding() is not None
+  small = {'PAD': 0, 'START': 1, 'UNK': 2, 'END': 3, 'road': 4}
+  q = predict.Predictor(p.checkpoint, p.model, p.model_config, small, 'test', p.fingerprint,
+                        p.inference)
+  assert q.no_change_embedding() is None
+  assert predict.change_scores(np.ones((2, q.embedding_dim)), None) == [None, None]
+  partial = dict(small, scene=5)  # only 'the scene is the same as before' has a known word
+  r = predict.Predictor(p.checkpoint, p.model, p.model_config, partial, 'test', p.fingerprint,
+                        p.inference)
+  tokens = predict.query_tokens('the scene is the same as before', partial, p.max_len)[0]
+  want = r.text_embeddings(tokens[None])[0]
+  np.testing.assert_allclose(r.no_change_embedding(), want / np.linalg.norm(want), rtol=1e-5,
+                             atol=1e-6)
