@@ -667,6 +667,12 @@ def _add_imagery(p):
   r.add_argument('--quiet', action='store_true', help='No progress bar or summary.')
 
 
+def _add_output(p):
+  p.add_argument('--out', required=True, help='Output directory (must not exist unless '
+                 '--overwrite).')
+  p.add_argument('--overwrite', action='store_true', help='Replace an existing --out.')
+
+
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog='python -m rsicrc_jax.predict', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -684,9 +690,7 @@ def parser() -> argparse.ArgumentParser:
                      'OUT/summary.json. OUT is written whole or not at all.')
   _add_model(c)
   _add_imagery(c)
-  c.add_argument('--out', required=True, help='Output directory (must not exist unless '
-                 '--overwrite).')
-  c.add_argument('--overwrite', action='store_true', help='Replace an existing --out.')
+  _add_output(c)
   c.add_argument('--beam_size', type=int, default=1, help='1 = greedy (with the attention '
                  'overlay); more = beam search (no overlay).')
   c.add_argument('--report_tiles', type=int, default=100, help='Tiles shown in report.html, '
@@ -730,8 +734,7 @@ def parser() -> argparse.ArgumentParser:
                  'a short query sits close to "no change" and unchanged pairs come first.')
   s.add_argument('--checkpoint', help='The model that built the index (default: the path the '
                  'index recorded); its weights must match.')
-  s.add_argument('--out', required=True, help='Output directory.')
-  s.add_argument('--overwrite', action='store_true', help='Replace an existing --out.')
+  _add_output(s)
   s.add_argument('--quiet', action='store_true', help='Print nothing.')
   return p
 

@@ -24,7 +24,6 @@ The `tfds build datasets/<name>` entry points subclass these builders.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import os
@@ -356,31 +355,21 @@ class ChangeCaptionsBuilder(LevirCCBuilder, skip_registration=True):
     if found[0] == 'captions.json':
       records = cap.read_captions(path, strict=False)
       with open(path, encoding='utf-8') as f:
-        counts = [len(e.get('sentences', [])) for e in json.load(f)['images']]
+        dropped = sum(max(0, len(e.get('sentences', [])) - cap.CAPTIONS_PER_PAIR)
+                      for e in json.load(f)['images'])
       paths = {r.imgid: tuple(os.path.join('images', r.filepath, side, r.filename)
                               for side in ('A', 'B')) for r in records}
     else:
-      records, paths = cap.read_caption_csv(path)
-      counts = None
+      records, paths, dropped = cap.read_caption_csv(path)
     paths = {k: tuple(os.path.join(root, p) for p in v) for k, v in paths.items()}
     missing = [p for pair in paths.values() for p in pair if not os.path.isfile(p)]
     _check(not missing, f'{path} lists {2 * len(paths)} images; {len(missing)} are missing, e.g. '
            + ', '.join(missing[:5]))
     self._prepare_metadata(records)
-    dropped = (sum(max(0, n - cap.CAPTIONS_PER_PAIR) for n in counts) if counts is not None
-               else self._csv_dropped(path))
     self.info.metadata.update({'captions_file': found[0], 'captions_dropped': dropped,
                                'pairs_unchanged': sum(r.changeflag == 0 for r in records)})
     return {s: self._generate_pairs(paths, [r for r in records if r.split == s])
             for s in cap.SPLITS if any(r.split == s for r in records)}
-
-  @staticmethod
-  def _csv_dropped(path: str) -> int:
-    import csv  # pylint: disable=import-outside-toplevel
-    with open(path, newline='', encoding='utf-8') as f:
-      per_pair = collections.Counter((r['before'].strip(), r['after'].strip())
-                                     for r in csv.DictReader(f))
-    return sum(max(0, n - cap.CAPTIONS_PER_PAIR) for n in per_pair.values())
 
   def _read_image(self, path: str) -> np.ndarray:
     if not self.builder_config.stored_size:

@@ -223,12 +223,13 @@ def id_to_word(vocab: Mapping[str, int]) -> list[str]:
 CSV_COLUMNS = ('before', 'after', 'split', 'caption')
 
 
-def read_caption_csv(path: str | os.PathLike) -> tuple[list[PairRecord], dict[int, tuple[str, str]]]:
+def read_caption_csv(path: str | os.PathLike
+                     ) -> tuple[list[PairRecord], dict[int, tuple[str, str]], int]:
   """A user's captions as CSV: a header naming the columns `before,after,split,caption` (others
   are ignored), then one row per caption, several rows per pair allowed. before/after are image
   paths relative to the CSV's folder. Returns one record per pair, in the order pairs first
   appear (captions filled to CAPTIONS_PER_PAIR by `fill_captions`, changeflag by the SPEC rule),
-  and {imgid: (before path, after path)}."""
+  {imgid: (before path, after path)}, and how many captions beyond the fifth were dropped."""
   import csv  # pylint: disable=import-outside-toplevel
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -259,10 +260,11 @@ def read_caption_csv(path: str | os.PathLike) -> tuple[list[PairRecord], dict[in
       pair['raws'].append(values['caption'])
   if not pairs:
     raise DataError(f'{path}: no caption rows after the header')
-  records, paths = [], {}
+  records, paths, dropped = [], {}, 0
   for imgid, ((before, after), pair) in enumerate(pairs.items()):
-    raws, _ = fill_captions(pair['raws'])
+    raws, extra = fill_captions(pair['raws'])
+    dropped += extra
     records.append(PairRecord('', before, imgid, pair['split'], infer_changeflag(raws), raws,
                               tuple(tuple(normalize_caption(r).split()) for r in raws)))
     paths[imgid] = (before, after)
-  return records, paths
+  return records, paths, dropped
