@@ -67,7 +67,7 @@ def save_figures(run, dataset, split, config, out_dir, num: int) -> list[str]:
   """One PNG per drawn pair: before | after | the decoder's cross-attention over the after
   image, with the generated caption and the references beneath; when the dataset has change
   masks (LEVIR-MCI, WHU-CDC), the true change is outlined on the after image and the attention
-  map. Greedy decoding only (beam search keeps no attention)."""
+  map (SECOND-CC: its semantic map's changed pixels). Greedy decoding only (beam search keeps no attention)."""
   if not len(run['attention']) or num <= 0:
     return []
   import matplotlib  # pylint: disable=import-outside-toplevel
@@ -91,8 +91,11 @@ def save_figures(run, dataset, split, config, out_dir, num: int) -> list[str]:
     im = axes[2].imshow(attn, cmap='magma', alpha=0.55, interpolation='nearest',
                         extent=(0, b.shape[1], b.shape[0], 0), vmin=0)
     axes[2].set_title('where the caption looked')
-    if 'change_mask' in rec:
-      mask = pipeline.resize_center_crop(np.asarray(rec['change_mask']), config.model.image_size,
+    # The ground truth where the dataset has one: LEVIR-MCI's and WHU-CDC's change masks, or
+    # SECOND-CC's after land cover of the changed pixels (0 where nothing changed).
+    key = next((k for k in ('change_mask', 'semantic_b') if k in rec), None)
+    if key:
+      mask = pipeline.resize_center_crop(np.asarray(rec[key]), config.model.image_size,
                                          nearest=True)
       for ax in axes[1:]:
         draw_change_mask(ax, mask)

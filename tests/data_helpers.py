@@ -88,3 +88,78 @@ def tiny_synthetic_cfg(data_dir, **over):
 
 def words_of(ids, vocab):
   return cap.decode_caption(np.asarray(ids), cap.id_to_word(vocab))
+
+
+def make_dubai_tree(root, sizes=(('train', 4), ('val', 2), ('test', 2))):
+  """Dubai-CC as distributed, in miniature: description_jsontr_te_val/<Split>_Dubai_CC.json and
+  50x50 RGB TIFF tiles <R>x<C>.tif under imgs_tiles/RGB/500_2000 (before) and 500_2010 (after).
+  Tokens keep case and attached punctuation as Dubai-CC's do ('changed.'); image_id restarts in
+  each file. Even pairs change; odd ones carry five of Dubai-CC's no-change sentences. Returns
+  {split: entries}."""
+  files = {'train': 'Train_Dubai_CC.json', 'val': 'Validation_Dubai_CC.json',
+           'test': 'Test_Dubai_CC.json'}
+  out, tile = {}, 0
+  for split, n in sizes:
+    entries = []
+    for i in range(n):
+      scene = synthetic.make_scene(11, split, i, change_fraction=1.0)
+      changed = i % 2 == 0
+      a, b = synthetic.render_pair(scene, 50)
+      if changed:
+        texts = [t[0].upper() + t[1:] + '.' for t in scene.captions]
+      else:
+        b = a
+        texts = [s + '.' for s in cap.DUBAI_NO_CHANGE_SENTENCES[i % 3::3][:5]]
+      name = f'{tile // 20}x{tile % 20}.tif'
+      tile += 1
+      for folder, im in (('500_2000', a), ('500_2010', b)):
+        os.makedirs(os.path.join(root, 'imgs_tiles', 'RGB', folder), exist_ok=True)
+        Image.fromarray(im).save(os.path.join(root, 'imgs_tiles', 'RGB', folder, name))
+      entries.append({'filename': name, 'image_id': i, 'split': split,
+                      'sentids': list(range(5 * i, 5 * i + 5)),
+                      'sentences': [{'raw': t, 'tokens': t.split(), 'imgid': i, 'sentid': 5 * i + k}
+                                    for k, t in enumerate(texts)]})
+    os.makedirs(os.path.join(root, 'description_jsontr_te_val'), exist_ok=True)
+    with open(os.path.join(root, 'description_jsontr_te_val', files[split]), 'w') as f:
+      json.dump({'images': entries}, f)
+    out[split] = entries
+  return out
+
+
+def second_colour(cls):
+  """The base SECOND-CC colour of a land-cover class id."""
+  return next(c for c, k in builders.SECOND_COLOURS.items() if k == cls)
+
+
+def make_second_tree(root, sizes=(('train', 4), ('val', 2), ('test', 2))):
+  """SECOND-CC as its zip unpacks, in miniature: SECOND-CC-AUG.json and
+  <split>/rgb/{A,B}/<name>.png with colour-coded <split>/sem/{A,B}/<name>.png. Changed pairs
+  (even ones) have a block of low vegetation (class 1) before and building (class 5) after,
+  white (no change) elsewhere; their rows grow with the pair. Returns the JSON entries."""
+  entries, imgid = [], 0
+  for split, n in sizes:
+    for i in range(n):
+      scene = synthetic.make_scene(13, split, i, change_fraction=1.0)
+      changed = i % 2 == 0
+      a, b = synthetic.render_pair(scene, 256)
+      texts = scene.captions if changed else cap.NO_CHANGE_SENTENCES
+      if not changed:
+        b = a
+      name = f'{imgid:05d}.png'
+      for kind, side, im in (('rgb', 'A', a), ('rgb', 'B', b)):
+        os.makedirs(os.path.join(root, split, kind, side), exist_ok=True)
+        Image.fromarray(im).save(os.path.join(root, split, kind, side, name))
+      for side, cls in (('A', 1), ('B', 5)):
+        sem = np.full((256, 256, 3), 255, np.uint8)
+        if changed:
+          sem[40:60 + 4 * i, 30:90] = second_colour(cls)
+        os.makedirs(os.path.join(root, split, 'sem', side), exist_ok=True)
+        Image.fromarray(sem).save(os.path.join(root, split, 'sem', side, name))
+      entries.append({'filepath': split, 'filename': name, 'imgid': imgid, 'split': split,
+                      'changeflag': int(changed), 'sentids': list(range(5 * imgid, 5 * imgid + 5)),
+                      'sentences': [{'tokens': t.split(), 'raw': f'{t} .', 'sentid': 5 * imgid + k}
+                                    for k, t in enumerate(texts)]})
+      imgid += 1
+  with open(os.path.join(root, 'SECOND-CC-AUG.json'), 'w') as f:
+    json.dump({'images': entries}, f)
+  return entries

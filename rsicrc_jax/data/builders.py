@@ -1,5 +1,6 @@
-"""TFDS builders: LEVIR-CC, LEVIR-MCI and WHU-CDC from their manual downloads, a user's own
-change captions (`change_captions`), and the embedded synthetic dataset.
+"""TFDS builders: LEVIR-CC, LEVIR-MCI, WHU-CDC, Dubai-CC and SECOND-CC from their manual
+downloads (SPEC section 12), a user's own change captions (`change_captions`), and the embedded
+synthetic dataset.
 
 All write the same features, so the input pipeline reads any of them:
 
@@ -14,6 +15,8 @@ All write the same features, so the input pipeline reads any of them:
   scene                 synthetic only: JSON of what the generator drew
   change_mask           LEVIR-MCI and WHU-CDC: uint8 (S, S, 1) class ids of the changed pixels
                         (LEVIR-MCI: 0 none, 1 road, 2 building; WHU-CDC: 0 none, 1 building)
+  semantic_a, _b        SECOND-CC: uint8 (S, S, 1) land-cover class ids of the changed pixels
+                        before and after (0 no change, 1..6 SECOND_CLASSES)
 
 The dataset metadata (`metadata.json` next to the records) holds the vocabulary built as SPEC
 section 1 says, and each split's caption lengths, so the pipeline can index (pair, caption)
@@ -56,7 +59,8 @@ def _picture(size: int, channels: int, raw: bool) -> tfds.features.FeatureConnec
 
 
 def _features(image_size: int, embedding_dim: int, with_scene: bool,
-              with_mask: bool = False, raw: bool = False) -> tfds.features.FeaturesDict:
+              with_mask: bool = False, raw: bool = False,
+              with_semantics: bool = False) -> tfds.features.FeaturesDict:
   image = _picture(image_size, 3, raw)
   feats = {
       'image_a': image,
@@ -76,6 +80,9 @@ def _features(image_size: int, embedding_dim: int, with_scene: bool,
     feats['scene'] = tfds.features.Text()
   if with_mask:
     feats['change_mask'] = _picture(image_size, 1, raw)
+  if with_semantics:
+    feats['semantic_a'] = _picture(image_size, 1, raw)
+    feats['semantic_b'] = _picture(image_size, 1, raw)
   return tfds.features.FeaturesDict(feats)
 
 
@@ -315,6 +322,142 @@ class WhuCDCBuilder(LevirCCBuilder, skip_registration=True):
   Download WHU-CDC and pass the folder that holds `whuCCcaptions.json` and
   `images/{train,val,test}/{A,B,label}/*.png` as --manual_dir.
   """
+
+
+@dataclasses.dataclass(eq=False)
+class DubaiCCConfig(CaptionBuilderConfig):
+  image_size: int = 50  # Landsat tiles of 50x50 pixels (about 30 m each)
+
+
+class DubaiCCBuilder(LevirCCBuilder, skip_registration=True):
+  """Dubai-CC (Hoxha et al. 2022: Landsat tiles of Dubai, 2000 and 2010) from its download."""
+
+  name = 'dubai_cc'
+  builder_config_cls = DubaiCCConfig
+  BUILDER_CONFIGS = [DubaiCCConfig(name='default', description='50x50 tiles as distributed.')]
+  HOMEPAGE = 'https://disi.unitn.it/~melgani/datasets.html'
+  CAPTIONS_DIR = 'description_jsontr_te_val'
+  CAPTION_FILES = {'train': 'Train_Dubai_CC.json', 'val': 'Validation_Dubai_CC.json',
+                   'test': 'Test_Dubai_CC.json'}
+  BEFORE, AFTER = 'imgs_tiles/RGB/500_2000', 'imgs_tiles/RGB/500_2010'
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Download Dubai-CC and pass the folder that holds
+  description_jsontr_te_val/{Train,Validation,Test}_Dubai_CC.json and
+  imgs_tiles/RGB/500_2000/*.tif (before) and imgs_tiles/RGB/500_2010/*.tif (after) as --manual_dir.
+  """
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    root = os.fspath(dl_manager.manual_dir)
+    records, dropped = [], 0
+    for split, name in self.CAPTION_FILES.items():
+      path = os.path.join(root, self.CAPTIONS_DIR, name)
+      _check(os.path.isfile(path), f'{path}: caption file not found; expected Dubai-CC\'s '
+             f'{self.CAPTIONS_DIR}/{{{",".join(self.CAPTION_FILES.values())}}}')
+      try:
+        with open(path, encoding='utf-8') as f:
+          data = json.load(f)
+      except json.JSONDecodeError as e:
+        raise cap.DataError(f'{path}: not valid JSON ({e})') from e
+      recs, extra = cap.parse_dubai_captions(data, path, split, len(records))
+      records += recs
+      dropped += extra
+    paths = {r.imgid: tuple(os.path.join(root, side, r.filename) for side in (self.BEFORE,
+                                                                                self.AFTER))
+             for r in records}
+    missing = [p for pair in paths.values() for p in pair if not os.path.isfile(p)]
+    _check(not missing, f'the caption files list {2 * len(records)} tiles; {len(missing)} are '
+           'missing, e.g. ' + ', '.join(missing[:5]))
+    self._prepare_metadata(records)
+    self.info.metadata.update({
+        'captions_dropped': dropped,
+        'pairs_unchanged': sum(r.changeflag == 0 for r in records),
+        'no_change_rule': 'every caption is one of Dubai-CC\'s no-change sentences',
+        'text_normalisation': 'tokens lowercased, punctuation stripped; captions kept as written',
+    })
+    return {s: self._generate_pairs(paths, [r for r in records if r.split == s])
+            for s in cap.SPLITS if any(r.split == s for r in records)}
+
+  def _generate_pairs(self, paths, records):
+    for rec in records:
+      path_a, path_b = paths[rec.imgid]
+      yield rec.imgid, {'image_a': self._store(self._read_image(path_a)),
+                        'image_b': self._store(self._read_image(path_b)),
+                        **self._text_features(rec)}
+
+
+# SECOND-CC's semantic maps are colour pictures: colour -> land-cover class. The base colours are
+# SECOND's; its augmented copies ("AUG") hold lighter variants of some of them.
+SECOND_CLASSES = ('no change', 'low vegetation', 'non-vegetated ground surface', 'tree', 'water',
+                  'building', 'playground')
+SECOND_COLOURS = {
+    (255, 255, 255): 0,
+    (0, 128, 0): 1,
+    (128, 128, 128): 2, (208, 208, 208): 2,
+    (0, 255, 0): 3, (80, 208, 80): 3, (80, 255, 80): 3,
+    (0, 0, 255): 4, (80, 80, 255): 4,
+    (128, 0, 0): 5, (208, 80, 80): 5,
+    (255, 0, 0): 6, (255, 80, 80): 6,
+}
+
+
+class SecondCCBuilder(LevirCCBuilder, skip_registration=True):
+  """SECOND-CC (Karaca et al. 2025: SECOND's semantic change pairs, captioned) from its download."""
+
+  name = 'second_cc'
+  CAPTIONS_FILE = 'SECOND-CC-AUG.json'
+  HOMEPAGE = 'https://doi.org/10.5281/zenodo.16937571'
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Download SECOND-CC (SECOND-CC-AUG.zip, Zenodo 10.5281/zenodo.16937571), unzip it and pass the
+  folder that holds SECOND-CC-AUG.json and {train,val,test}/rgb/{A,B}/*.png,
+  {train,val,test}/sem/{A,B}/*.png as --manual_dir.
+  """
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    cfg = self.builder_config
+    return self.dataset_info_from_configs(
+        features=_features(self._stored_size(cfg.image_size), cfg.sentence_dim, with_scene=False,
+                           raw=cfg.raw, with_semantics=True),
+        metadata=tfds.core.MetadataDict(), homepage=self.HOMEPAGE,
+        description=(self.__doc__ or '').strip().splitlines()[0])
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    root = os.fspath(dl_manager.manual_dir)
+    json_path = os.path.join(root, self.CAPTIONS_FILE)
+    records = cap.read_captions(json_path, strict=False)
+    paths = {r.imgid: [os.path.join(root, r.filepath, kind, side, r.filename)
+                       for kind in ('rgb', 'sem') for side in ('A', 'B')] for r in records}
+    missing = [p for four in paths.values() for p in four if not os.path.isfile(p)]
+    _check(not missing, f'{json_path} lists {4 * len(records)} pictures (rgb and sem, A and B); '
+           f'{len(missing)} are missing, e.g. ' + ', '.join(missing[:5]))
+    self._prepare_metadata(records)
+    self.info.metadata.update({'semantic_classes': list(SECOND_CLASSES),
+                               'pairs_unchanged': sum(r.changeflag == 0 for r in records)})
+    return {s: self._generate_pairs(paths, [r for r in records if r.split == s])
+            for s in cap.SPLITS if any(r.split == s for r in records)}
+
+  def _read_semantic(self, path: str) -> np.ndarray:
+    """A colour-coded semantic map -> (S, S, 1) uint8 class ids (SECOND_COLOURS)."""
+    rgb = self._read_image(path).astype(np.int32)
+    code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    lut = {(r << 16) | (g << 8) | b: cls for (r, g, b), cls in SECOND_COLOURS.items()}
+    found = np.unique(code)
+    unknown = [tuple(int(c) >> s & 255 for s in (16, 8, 0)) for c in found if int(c) not in lut]
+    _check(not unknown, f'{path}: colours {unknown[:6]} are not SECOND-CC classes; expected '
+           f'{sorted(SECOND_COLOURS)} for {", ".join(SECOND_CLASSES)}')
+    out = np.zeros(code.shape, np.uint8)
+    for c in found:
+      out[code == c] = lut[int(c)]
+    return out[..., None]
+
+  def _generate_pairs(self, paths, records):
+    for rec in records:
+      path_a, path_b, sem_a, sem_b = paths[rec.imgid]
+      yield rec.imgid, {
+          'image_a': self._store(self._read_image(path_a)),
+          'image_b': self._store(self._read_image(path_b)),
+          'semantic_a': self._store(self._read_semantic(sem_a), labels=True),
+          'semantic_b': self._store(self._read_semantic(sem_b), labels=True),
+          **self._text_features(rec)}
 
 
 @dataclasses.dataclass(eq=False)

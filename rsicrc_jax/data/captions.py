@@ -29,6 +29,27 @@ NO_CHANGE_SENTENCES = (
     'almost nothing has changed',
 )
 
+# Dubai-CC has no changeflag: a pair is unchanged when its captions are these, the sentences its
+# annotators used for "no change" (as the change-captioning codebases that evaluate on Dubai-CC
+# list them). Compared after normalize_caption, so case and the final full stop do not matter.
+DUBAI_NO_CHANGE_SENTENCES = (
+    'Nothing has changed',
+    'There is no difference',
+    'All remained the same',
+    'Everything remains the same',
+    'Nothing has changed in this area',
+    'Nothing changed in this area',
+    'No changes in this area',
+    'No change was made',
+    'There is no change to mention',
+    'No changes to mention',
+    'No changed to mention',
+    'No difference in this area',
+    'No change to mention',
+    'No change occurred in this area',
+    'The area appears the same',
+)
+
 
 class DataError(ValueError):
   """A dataset file does not follow the expected schema or layout."""
@@ -55,10 +76,10 @@ def normalize_caption(text: str) -> str:
   return ' '.join(re.sub(r'[^\w\s]', ' ', text.lower()).split())
 
 
-def infer_changeflag(raws: Iterable[str]) -> int:
+def infer_changeflag(raws: Iterable[str], sentences: Sequence[str] = NO_CHANGE_SENTENCES) -> int:
   """SPEC rule for copies of the JSON without `changeflag`: no change iff every caption is one of
-  the five no-change sentences."""
-  no_change = {normalize_caption(s) for s in NO_CHANGE_SENTENCES}
+  the dataset's no-change `sentences` (LEVIR-CC's five by default)."""
+  no_change = {normalize_caption(s) for s in sentences}
   return 0 if all(normalize_caption(r) in no_change for r in raws) else 1
 
 
@@ -93,6 +114,8 @@ def parse_captions(data: object, path: str = '<captions json>', *,
       where = f'{where} ({entry["filename"]})'
     if not strict:
       entry = {'imgid': i, **entry}
+      if isinstance(entry.get('split'), str):
+        entry.setdefault('filepath', entry['split'])
       sentences = entry.get('sentences')
       if isinstance(sentences, list) and sentences and all(
           isinstance(x, dict) and isinstance(x.get('raw'), str) for x in sentences):
@@ -268,3 +291,56 @@ def read_caption_csv(path: str | os.PathLike
                               tuple(tuple(normalize_caption(r).split()) for r in raws)))
     paths[imgid] = (before, after)
   return records, paths, dropped
+
+
+def lower_tokens(tokens: Sequence[str]) -> tuple[str, ...]:
+  """Tokens as Dubai-CC writes them ('Nothing', 'changed.') -> the vocabulary's words: lower
+  case, punctuation stripped ('nothing', 'changed'); a token of punctuation only disappears."""
+  return tuple(normalize_caption(' '.join(tokens)).split())
+
+
+def parse_dubai_captions(data: object, path: str, split: str, first_imgid: int = 0,
+                         no_change: Sequence[str] = DUBAI_NO_CHANGE_SENTENCES
+                         ) -> tuple[list[PairRecord], int]:
+  """One of Dubai-CC's caption files ({Train,Validation,Test}_Dubai_CC.json: {"images":
+  [{filename, image_id, split, sentids, sentences: [{raw, tokens, ...}]}]}), all of `split` (the
+  file says which). Tokens keep case and punctuation there; records hold them lowercased and
+  stripped (`lower_tokens`), raws as written. imgids run from `first_imgid` in file order (the
+  files' own image_id restart per file). changeflag: the SPEC rule over `no_change`, Dubai-CC's
+  own sentences. Returns the records and how many captions beyond the fifth were dropped."""
+  _expect(isinstance(data, dict) and isinstance(data.get('images'), list), path, 'top level',
+          'an object {"images": [...]} (Dubai-CC\'s caption schema)')
+  records, seen, dropped = [], {}, 0
+  for i, entry in enumerate(data['images']):
+    where = f'images[{i}]'
+    _expect(isinstance(entry, dict), path, where, 'an object')
+    _expect(isinstance(entry.get('filename'), str) and entry['filename'], path,
+            f'{where}.filename', 'the tile\'s file name, e.g. "0x0.tif"')
+    where = f'{where} ({entry["filename"]})'
+    _expect(entry['filename'] not in seen, path, f'{where}.filename',
+            f'a file listed once, it is also images[{seen.get(entry["filename"])}]')
+    seen[entry['filename']] = i
+    sentences = entry.get('sentences')
+    _expect(isinstance(sentences, list) and bool(sentences), path, f'{where}.sentences',
+            'a non-empty list of caption objects')
+    raws, tokens = [], []
+    for j, s in enumerate(sentences):
+      sw = f'{where}.sentences[{j}]'
+      _expect(isinstance(s, dict) and isinstance(s.get('raw'), str), path, sw,
+              'an object with a string "raw"')
+      given = s.get('tokens')
+      _expect(given is None or (isinstance(given, list) and all(isinstance(t, str) for t in given)),
+              path, f'{sw}.tokens', 'a list of words')
+      words = lower_tokens(given) if given else tuple(normalize_caption(s['raw']).split())
+      _expect(bool(words), path, sw, f'a caption with words, got {s["raw"]!r}')
+      raws.append(s['raw'])
+      tokens.append(words)
+    keep = list(range(len(raws)))
+    keep = [keep[k % len(keep)] for k in range(CAPTIONS_PER_PAIR)]  # fill_captions' rule
+    dropped += max(0, len(raws) - CAPTIONS_PER_PAIR)
+    raws_5 = tuple(raws[k] for k in keep)
+    records.append(PairRecord('', entry['filename'], first_imgid + len(records), split,
+                              infer_changeflag(raws_5, no_change), raws_5,
+                              tuple(tokens[k] for k in keep)))
+  _expect(bool(records), path, 'images', 'at least one pair')
+  return records, dropped

@@ -34,7 +34,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # ImageNet's for the torchvision ResNets (SPEC section 10).
 NORMALIZATION = {'clip': (CLIP_MEAN, CLIP_STD), 'imagenet': (IMAGENET_MEAN, IMAGENET_STD)}
 
-DATASETS = ('levir_cc', 'levir_mci', 'whu_cdc', 'change_captions', 'synthetic_cc')
+DATASETS = ('levir_cc', 'levir_mci', 'whu_cdc', 'dubai_cc', 'second_cc', 'change_captions',
+            'synthetic_cc')
 
 # grain is imported inside the two functions that build and iterate batches, not here: the train
 # step and decoding import this module (normalize_images) and must also run where grain is not
@@ -91,7 +92,8 @@ def make_builder(data_cfg: Mapping[str, Any]):
                         f'{sorted(DATASETS)}')
   builders = _builders()
   cls = {'levir_cc': builders.LevirCCBuilder, 'levir_mci': builders.LevirMCIBuilder,
-         'whu_cdc': builders.WhuCDCBuilder, 'change_captions': builders.ChangeCaptionsBuilder,
+         'whu_cdc': builders.WhuCDCBuilder, 'dubai_cc': builders.DubaiCCBuilder,
+         'second_cc': builders.SecondCCBuilder, 'change_captions': builders.ChangeCaptionsBuilder,
          'synthetic_cc': builders.SyntheticCCBuilder}[name]
   fields = dict(data_cfg.get('builder_config') or {})
   fields.setdefault('name', 'default')
