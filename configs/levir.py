@@ -75,6 +75,7 @@ def get_loss_config() -> ml_collections.ConfigDict:
 def get_data_config() -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
   d.name = 'levir_cc'  # built with: tfds build datasets/levir_cc --manual_dir DIR
+  # or several built datasets with weights, 'levir_cc:3,whu_cdc:1' (see README, Data)
   # Fields of the TFDS builder config (rsicrc_jax/data/builders.py); 'default' = as built by a
   # plain `tfds build`. A variant (e.g. with caption embeddings) needs its own name.
   # stored_size / raw: a variant built with the pictures already at the model's size, as uint8

@@ -152,9 +152,15 @@ def validate(config) -> None:
                     'their batch, which microbatches would split; use one of the two')
   if 'data' in config:
     from rsicrc_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-    if config.data.get('name') not in pipeline.DATASETS:
-      problems.append(f'config.data.name={config.data.get("name")!r}: expected one of '
-                      f'{list(pipeline.DATASETS)}')
+    try:
+      names = pipeline.parse_names(config.data.get('name'))
+    except ValueError as err:
+      problems.append(str(err))
+    else:
+      if len(names) > 1 and config.get('hard_negatives', 0):
+        problems.append(f'config.hard_negatives={config.hard_negatives} with the mixture '
+                        f'config.data.name={config.data.name!r}: mining runs on one dataset; '
+                        'train on one, or set hard_negatives=0')
   if 'evals' in config:
     from rsicrc_jax import evaluators  # pylint: disable=import-outside-toplevel
     for name, entry in config.evals.items():

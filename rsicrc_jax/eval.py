@@ -139,13 +139,31 @@ def evaluate(config, checkpoint: str, *, out_dir: str | None = None,
     raise ValueError(f'cannot load {checkpoint} with this config: {err}') from err
   out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(checkpoint)),
                                     f'eval_{e.split}')
+  if len(dataset.members) == 1:
+    return _evaluate_dataset(model, dataset, config, checkpoint, out_dir, progress)
+  # A mixture: each dataset scored on its own, in out_dir/<dataset>/, and a summary.
+  report = {'checkpoint': os.path.abspath(checkpoint), 'dataset': dataset.name, 'split': e.split,
+            'mixture': dataset.name,
+            'datasets': {m.name: _evaluate_dataset(model, m, config, checkpoint,
+                                                   os.path.join(out_dir, m.name), progress)
+                         for m in dataset.members}}
+  with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
+    json.dump(report, f, indent=2)
+  return report
+
+
+def _evaluate_dataset(model, dataset, config, checkpoint: str, out_dir: str,
+                      progress: bool) -> dict:
+  """Scores one dataset's `config.eval.split` and writes metrics.json, metrics.md,
+  captions.jsonl and figures into out_dir."""
+  e = eval_settings(config)
   os.makedirs(out_dir, exist_ok=True)
   run = evaluators.run_model(model, dataset, e.split, config, batch_size=e.batch_size,
                              beam_size=e.beam_size, length_penalty=e.length_penalty,
                              max_pairs=e.max_pairs, progress=progress)
   protocol = e.caption_protocol
   results, notes = evaluators.score(run, config.loss, meteor=e.meteor, protocol=protocol)
-  report = {'checkpoint': os.path.abspath(checkpoint), 'split': e.split,
+  report = {'checkpoint': os.path.abspath(checkpoint), 'dataset': dataset.name, 'split': e.split,
             'decoding': {'beam_size': e.beam_size, 'length_penalty': e.length_penalty},
             'caption_protocol': protocol,
             'results': results, 'notes': notes}
@@ -162,7 +180,7 @@ def evaluate(config, checkpoint: str, *, out_dir: str | None = None,
                           'references': [r.strip() for r in run['references'][i]]}) + '\n')
   save_figures(run, dataset, e.split, config, os.path.join(out_dir, 'figures'), e.num_figures)
   if progress:
-    print(table)
+    print(f'{dataset.name} {e.split}:\n{table}')
     print(f'written to {out_dir}')
   return report
 

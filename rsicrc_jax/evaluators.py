@@ -421,13 +421,52 @@ def check_entry(name: str, entry) -> None:
                      f'{list(metrics.CAPTION_PROTOCOLS)}, got {entry["caption_protocol"]!r}')
 
 
+class PerDataset(Evaluator):
+  """One config entry over a mixture: the entry's evaluator run on each member dataset, its
+  metrics named '<prefix>/<dataset>/...' ('val/whu_cdc/retrieval/changed/R@10'). Loss entries
+  also give '<prefix>/loss' etc.: the members' losses weighted by their item counts."""
+
+  def __init__(self, name, entry, config, mixture, **kwargs):
+    self.parts = []
+    for m in mixture.members:
+      part = ml_collections.ConfigDict(entry.to_dict())
+      part.prefix = f'{entry.get("prefix", "") or entry.get("split", "val")}/{m.name}'
+      self.parts.append(_CLASSES[entry['type']](f'{name}/{m.name}', part, config, m, **kwargs))
+    super().__init__(name, entry, config, mixture)
+    self.average = entry['type'] == 'loss'
+    lengths = [m.caption_lengths[self.split] for m in mixture.members]
+    self.items = [len(pipeline.item_index(l, config.model.max_len, False)) for l in lengths]
+
+  def _mean_names(self):
+    return [f'{self.prefix}/{k}' for k in ('loss', 'caption_loss', 'contrastive_loss')]
+
+  def metric_names(self):
+    names = [n for p in self.parts for n in p.metric_names()]
+    return names + (self._mean_names() if self.average else [])
+
+  def run(self, state):
+    out, per = {}, []
+    for part in self.parts:
+      per.append(part.run(state))
+      out.update(per[-1])
+    if self.average:
+      total = sum(self.items)
+      for name in self._mean_names():
+        key = name.rsplit('/', 1)[1]
+        out[name] = sum(n * r[f'{p.prefix}/{key}'] for n, r, p in zip(self.items, per, self.parts)
+                        ) / total
+    return out
+
+
 def from_config(config, dataset, **kwargs) -> list[Evaluator]:
-  """One Evaluator per `config.evals` entry. kwargs: loss_step (jitted (state, batch) -> losses),
-  model_fn (state -> model), mesh, process_index, process_count."""
+  """One Evaluator per `config.evals` entry (over a mixture: one per entry and member dataset,
+  `PerDataset`). kwargs: loss_step (jitted (state, batch) -> losses), model_fn (state -> model),
+  mesh, process_index, process_count."""
   evals = []
   for name, entry in sorted(config.get('evals', {}).items()):
     check_entry(name, entry)
-    evals.append(_CLASSES[entry['type']](name, entry, config, dataset, **kwargs))
+    cls = PerDataset if len(dataset.members) > 1 else _CLASSES[entry['type']]
+    evals.append(cls(name, entry, config, dataset, **kwargs))
   return evals
 
 

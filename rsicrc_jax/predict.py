@@ -81,7 +81,7 @@ def find_vocabulary(checkpoint: str, vocab_path: str | None = None) -> tuple[dic
     except cap.DataError as err:
       raise cap.DataError(f'{checkpoint}: its vocabulary is that of the run\'s dataset, which '
                           f'cannot be opened ({err}); pass --vocab FILE') from err
-    return dataset.vocab, f'dataset {dataset.name} ({dataset.builder.data_dir})'
+    return dataset.vocab, dataset.describe()
   raise FileNotFoundError(f'{checkpoint}: no vocabulary found (no vocab.json there or in the '
                           'directory above, no run config.json); pass --vocab FILE, the '
                           'vocab.json of the dataset the model was trained on')

@@ -91,8 +91,9 @@ def test_validate_names_every_bad_field():
     config_check.validate(c)
   assert str(err.value) == (
       "config.model.dropout=1.5: expected a number in [0, 1); config.loss.top_k=0: expected -1 "
-      "(all) or a positive integer; config.data.name='levir': expected one of ['levir_cc', "
-      "'levir_mci', 'whu_cdc', 'change_captions', 'synthetic_cc']")
+      "(all) or a positive integer; config.data.name='levir': unknown dataset 'levir', expected "
+      "one of ['levir_cc', 'levir_mci', 'whu_cdc', 'dubai_cc', 'second_cc', 'change_captions', "
+      "'synthetic_cc'], or several as \"levir_cc:3,whu_cdc:1\"")
   c.model.dropout, c.loss.top_k, c.data.name = 0.1, -1, 'synthetic_cc'
   with pytest.raises(ConfigError, match=r'config.model.a_dim=190: expected a multiple of '
                      r'config.model.num_heads=4'):

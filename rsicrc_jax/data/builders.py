@@ -174,7 +174,8 @@ class _CaptionDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
     if cfg.sentence_encoder:
       self._embeddings = sentence_embeddings([r.strip() for rec in records for r in rec.raws],
                                              cfg.sentence_encoder, cfg.sentence_dim)
-    vocab = cap.build_vocabulary((t for rec in records for t in rec.tokens), cfg.vocab_min_count)
+    counts = cap.word_counts(t for rec in records for t in rec.tokens)
+    vocab = cap.vocabulary_from_counts(counts, cfg.vocab_min_count)
     lengths = {s: [[len(t) for t in rec.tokens] for rec in records if rec.split == s]
                for s in cap.SPLITS}
     self.info.metadata.update({
@@ -182,6 +183,10 @@ class _CaptionDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
         'caption_lengths': {s: v for s, v in lengths.items() if v},
         'sentence_encoder': cfg.sentence_encoder,
         'num_caption_texts': len(self._caption_ids),
+        # What a mixture with other datasets needs to merge vocabularies and caption ids: the
+        # word counts in first-seen order, and the caption texts (id = position).
+        'word_counts': [[w, c] for w, c in counts.items()],
+        'caption_texts': sorted(self._caption_ids, key=self._caption_ids.get),
         'builder_config': config_fields(cfg),
     })
 

@@ -176,9 +176,20 @@ def read_captions(path: str | os.PathLike, *, strict: bool = True) -> list[PairR
 def build_vocabulary(token_lists: Iterable[Sequence[str]], min_count: int = 5) -> dict[str, int]:
   """SPEC vocabulary: words seen more than `min_count` times over all splits, ids from 4 by
   descending frequency (ties in first-seen order, like pandas' value_counts), specials 0..3."""
+  return vocabulary_from_counts(word_counts(token_lists), min_count)
+
+
+def word_counts(token_lists: Iterable[Sequence[str]]) -> collections.Counter:
+  """Word -> count, in first-seen order (what the SPEC vocabulary rule breaks ties by)."""
   counts = collections.Counter()
   for tokens in token_lists:
     counts.update(tokens)
+  return counts
+
+
+def vocabulary_from_counts(counts: Mapping[str, int], min_count: int = 5) -> dict[str, int]:
+  """`build_vocabulary` from word counts given in first-seen order (several datasets' counts
+  summed make the merged vocabulary of a mixture)."""
   # Counter keeps first-insertion order and sorted() is stable: ties stay in first-seen order.
   words = [w for w, c in sorted(counts.items(), key=lambda wc: -wc[1]) if c > min_count]
   vocab = {w: i + len(SPECIAL_TOKENS) for i, w in enumerate(w for w in words

@@ -15,8 +15,10 @@ captions as references. Images leave the pipeline as uint8 after the resize and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import operator
 import os
 from typing import Any, Mapping
 
@@ -64,6 +66,17 @@ class Dataset:
   builder: Any  # tfds.core.DatasetBuilder
   vocab: dict[str, int]
   caption_lengths: dict[str, list[list[int]]]
+  # As a member of a Mixture: added to changed pairs' flags (imgids of two datasets are
+  # different pairs), and local caption id -> the mixture's (same text, same id).
+  flag_offset: int = 0
+  caption_id_map: np.ndarray | None = None
+
+  @property
+  def members(self) -> list['Dataset']:
+    return [self]
+
+  def describe(self) -> str:
+    return f'dataset {self.name} ({self.builder.data_dir})'
 
   @property
   def image_size(self) -> int:
@@ -116,8 +129,40 @@ def make_builder(data_cfg: Mapping[str, Any]):
   return cls(config=config, data_dir=os.path.expanduser(data_dir) if data_dir else None)
 
 
-def open_dataset(data_cfg: Mapping[str, Any], *, build_if_missing: bool = False) -> Dataset:
-  """Opens a built dataset; builds the synthetic one on request (it needs no download)."""
+MEMBER_STRIDE = 1 << 24  # flag offset between mixture members: room for 16M pairs each
+
+
+def parse_names(name: str) -> list[tuple[str, float]]:
+  """config.data.name -> [(dataset, weight)]: 'levir_cc', or a mixture such as
+  'levir_cc:3,whu_cdc:1' (a missing weight is 1; weights are relative)."""
+  out = []
+  for part in str(name).split(','):
+    member, _, weight = part.strip().partition(':')
+    if member not in DATASETS:
+      raise cap.DataError(f'config.data.name={name!r}: unknown dataset {member!r}, expected one '
+                          f'of {list(DATASETS)}, or several as "levir_cc:3,whu_cdc:1"')
+    try:
+      w = float(weight) if weight else 1.0
+    except ValueError:
+      w = -1.0
+    if not (w > 0 and math.isfinite(w)):
+      raise cap.DataError(f'config.data.name={name!r}: the weight of {member} must be a positive '
+                          f'number, got {weight!r}')
+    if member in [m for m, _ in out]:
+      raise cap.DataError(f'config.data.name={name!r}: {member} is listed twice')
+    out.append((member, w))
+  return out
+
+
+def open_dataset(data_cfg: Mapping[str, Any], *,
+                 build_if_missing: bool = False) -> 'Dataset | Mixture':
+  """Opens a built dataset, or a Mixture when config.data.name lists several; builds the
+  synthetic one on request (it needs no download)."""
+  names = parse_names(data_cfg['name'])
+  if len(names) > 1:
+    members = [open_dataset({**data_cfg, 'name': n, 'vocab_path': ''},
+                            build_if_missing=build_if_missing) for n, _ in names]
+    return Mixture.of(members, [w for _, w in names], data_cfg.get('vocab_path') or '')
   builder = make_builder(data_cfg)
   name = data_cfg['name']
   if not builder.is_prepared():
@@ -142,6 +187,80 @@ def open_dataset(data_cfg: Mapping[str, Any], *, build_if_missing: bool = False)
   vocab = cap.read_vocabulary(vocab_path) if vocab_path else cap.check_vocabulary(
       dict(meta['vocab']), os.path.join(builder.data_dir, 'metadata.json'))
   return Dataset(name, builder, vocab, {k: list(v) for k, v in meta['caption_lengths'].items()})
+
+
+def text_statistics(dataset: Dataset) -> tuple[dict[str, int], list[str]]:
+  """(word counts in first-seen order, caption texts with id = position) of a built dataset:
+  from its metadata, or for a dataset built before they were recorded there, read from its
+  records' text (pictures are not decoded)."""
+  meta = dataset.builder.info.metadata
+  if 'word_counts' in meta and 'caption_texts' in meta:
+    return {w: int(c) for w, c in meta['word_counts']}, list(meta['caption_texts'])
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  counts, texts = cap.word_counts([]), set()
+  only_text = tfds.decode.PartialDecoding({'tokens': True, 'captions': True})
+  for split in dataset.splits:
+    source = dataset.builder.as_data_source(split, decoders=only_text)
+    for i in range(len(source)):
+      rec = source[i]
+      counts.update(w for t in rec['tokens'] for w in _text(t).split())
+      texts.update(cap.normalize_caption(_text(c)) for c in rec['captions'])
+  return dict(counts), sorted(texts)
+
+
+@dataclasses.dataclass
+class Mixture:
+  """Several built datasets trained on together (config.data.name 'levir_cc:3,whu_cdc:1'): one
+  vocabulary merged by the SPEC rule over all their captions (or config.data.vocab_path), one
+  caption id per distinct text across them, flags that keep their pairs apart. Training draws
+  items from the members by weight (grain's mix, deterministic and resumable); evaluation runs
+  per member (`members`), each a Dataset carrying the mixture's vocabulary."""
+  name: str
+  members: list[Dataset]
+  weights: list[float]
+  vocab: dict[str, int]
+
+  @classmethod
+  def of(cls, datasets: list[Dataset], weights: list[float], vocab_path: str = '') -> 'Mixture':
+    stats = [text_statistics(d) for d in datasets]
+    if vocab_path:
+      vocab = cap.read_vocabulary(vocab_path)
+    else:
+      min_counts = {d.builder.builder_config.vocab_min_count for d in datasets}
+      if len(min_counts) > 1:
+        raise cap.DataError(f'the datasets of a mixture must share vocab_min_count; got '
+                            f'{ {d.name: d.builder.builder_config.vocab_min_count for d in datasets} }')
+      merged = cap.word_counts([])
+      for counts, _ in stats:
+        for w, c in counts.items():
+          merged[w] += c
+      vocab = cap.vocabulary_from_counts(merged, min_counts.pop())
+    embeddings = {d.name: d.has_embeddings for d in datasets}
+    if len(set(embeddings.values())) > 1:
+      raise cap.DataError(f'a mixture needs caption embeddings in every dataset or in none; got '
+                          f'{embeddings} (build them with the same sentence_encoder)')
+    table = {t: i for i, t in enumerate(sorted({t for _, texts in stats for t in texts}))}
+    members = [dataclasses.replace(
+        d, vocab=vocab, flag_offset=k * MEMBER_STRIDE,
+        caption_id_map=np.asarray([table[t] for t in texts], np.int32))
+               for k, (d, (_, texts)) in enumerate(zip(datasets, stats))]
+    name = ','.join(f'{d.name}:{w:g}' for d, w in zip(datasets, weights))
+    return cls(name, members, list(weights), vocab)
+
+  @property
+  def has_embeddings(self) -> bool:
+    return self.members[0].has_embeddings
+
+  @property
+  def splits(self) -> tuple[str, ...]:
+    return tuple(s for s in cap.SPLITS if all(s in m.splits for m in self.members))
+
+  @property
+  def caption_lengths(self) -> dict[str, list[list[int]]]:
+    return {s: [p for m in self.members for p in m.caption_lengths[s]] for s in self.splits}
+
+  def describe(self) -> str:
+    return 'mixture ' + ', '.join(f'{m.name} ({m.builder.data_dir})' for m in self.members)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,17 +318,34 @@ class _Fetch:
   image_size: int
   with_embeddings: bool
   with_references: bool
+  flag_offset: int = 0
+  caption_id_map: np.ndarray | None = None
+
+  @classmethod
+  def of(cls, dataset: Dataset, split: str, max_len: int, image_size: int,
+         with_references: bool) -> '_Fetch':
+    return cls(dataset.source(split), dataset.vocab, max_len, image_size,
+               dataset.has_embeddings, with_references, dataset.flag_offset,
+               dataset.caption_id_map)
+
+  def _ids(self, ids) -> np.ndarray:
+    ids = np.asarray(ids, np.int32)
+    return ids if self.caption_id_map is None else self.caption_id_map[ids]
 
   def __call__(self, pair: int, caption: int, valid: bool) -> dict[str, Any]:
     rec = self.source[int(pair)]
     words = _text(rec['tokens'][caption]).split()
+    imgid = int(rec['imgid'])
+    if self.flag_offset and not 0 <= imgid < MEMBER_STRIDE:
+      raise cap.DataError(f'pair {_text(rec["filename"])}: imgid {imgid} is outside '
+                          f'[0, {MEMBER_STRIDE}), the range a mixture member may use')
     item = {
         'image_a': resize_center_crop(rec['image_a'], self.image_size),
         'image_b': resize_center_crop(rec['image_b'], self.image_size),
         'tokens': cap.encode_caption(words, self.vocab, self.max_len),
         # SPEC: the item label is -1 for a no-change pair, else the pair's imgid.
-        'flag': np.int32(-1 if int(rec['changeflag']) == 0 else int(rec['imgid'])),
-        'caption_id': np.int32(rec['caption_ids'][caption]),
+        'flag': np.int32(-1 if int(rec['changeflag']) == 0 else imgid + self.flag_offset),
+        'caption_id': self._ids(rec['caption_ids'])[caption],
         'pair_index': np.int32(pair),
         'valid': np.bool_(valid),
     }
@@ -222,7 +358,7 @@ class _Fetch:
       item['all_tokens'] = np.stack([
           cap.encode_caption(_text(t).split()[:self.max_len - 2], self.vocab, self.max_len)
           for t in rec['tokens']])
-      item['all_caption_ids'] = np.asarray(rec['caption_ids'], np.int32)
+      item['all_caption_ids'] = self._ids(rec['caption_ids'])
     return item
 
 
@@ -243,7 +379,7 @@ class Plan:
     return self.steps_per_epoch * self.num_epochs
 
 
-def make_batches(dataset: Dataset, split: str, *, global_batch: int, max_len: int,
+def make_batches(dataset: 'Dataset | Mixture', split: str, *, global_batch: int, max_len: int,
                  image_size: int, train: bool, seed: int = 0, num_epochs: int = 1,
                  process_index: int = 0, process_count: int = 1,
                  with_references: bool = False) -> tuple[grain.MapDataset, Plan]:
@@ -253,6 +389,9 @@ def make_batches(dataset: Dataset, split: str, *, global_batch: int, max_len: in
   last partial batch of each epoch dropped. Evaluation: items in order, the last batch padded by
   repeating item 0 with `valid` False so shapes stay fixed.
 
+  A Mixture trains on its members' items drawn by weight (each member's items shuffled, a new
+  permutation each pass over them); an epoch is as many items as the members hold together.
+
   Step s of the global batch holds items s*B .. s*B+B-1 of the epoch order; process p reads the
   contiguous slice p*b .. p*b+b-1 (b = B / process_count). Concatenating the processes' batches in
   process order gives exactly the single-process global batch.
@@ -260,38 +399,45 @@ def make_batches(dataset: Dataset, split: str, *, global_batch: int, max_len: in
   if global_batch % process_count:
     raise cap.DataError(f'batch size {global_batch} must be divisible by the number of processes '
                         f'({process_count})')
-  lengths = dataset.caption_lengths.get(split)
-  if lengths is None:
-    raise cap.DataError(f'dataset {dataset.name} has no split "{split}"; it has '
-                        f'{list(dataset.caption_lengths)}')
-  stored = getattr(dataset.builder.builder_config, 'stored_size', 0)
-  if stored and stored != image_size:
-    raise cap.DataError(
-        f'dataset {dataset.name} ({dataset.builder.builder_config.name}) stores its pictures '
-        f'resized to {stored} px, but config.model.image_size={image_size}: resizing them again is '
-        f'not the reference\'s preprocessing; build it with stored_size={image_size} (or 0)')
-  index = item_index(lengths, max_len, train)
+  tables, fetches = [], []
+  for m in dataset.members:
+    lengths = m.caption_lengths.get(split)
+    if lengths is None:
+      raise cap.DataError(f'dataset {m.name} has no split "{split}"; it has '
+                          f'{list(m.caption_lengths)}')
+    stored = getattr(m.builder.builder_config, 'stored_size', 0)
+    if stored and stored != image_size:
+      raise cap.DataError(
+          f'dataset {m.name} ({m.builder.builder_config.name}) stores its pictures resized to '
+          f'{stored} px, but config.model.image_size={image_size}: resizing them again is not '
+          f'the reference\'s preprocessing; build it with stored_size={image_size} (or 0)')
+    tables.append(item_index(lengths, max_len, train))
+    if len(tables[-1]) == 0:
+      raise cap.DataError(f'split "{split}" of {m.name} has no caption of at most '
+                          f'{max_len - 2} words')
+    fetches.append(_Fetch.of(m, split, max_len, image_size, with_references))
+  # (member, pair, caption) rows, the members' items one after the other.
+  index = np.concatenate([np.concatenate([np.full((len(t), 1), k, np.int32), t], axis=1)
+                          for k, t in enumerate(tables)])
   n = len(index)
-  if n == 0:
-    raise cap.DataError(f'split "{split}" of {dataset.name} has no caption of at most '
-                        f'{max_len - 2} words')
   steps = n // global_batch if train else math.ceil(n / global_batch)
   if steps == 0:
     raise cap.DataError(f'split "{split}" has {n} items, fewer than one batch of {global_batch}')
   import grain  # pylint: disable=import-outside-toplevel
   plan = Plan(n, global_batch, steps, num_epochs)
   local = global_batch // process_count
-  order = _item_order(n, train, seed, num_epochs)
-  fetch = _Fetch(dataset.source(split), dataset.vocab, max_len, image_size,
-                 dataset.has_embeddings, with_references)
+  if train and len(tables) > 1:
+    order = _mixture_order([len(t) for t in tables], dataset.weights, seed)
+  else:
+    order = _item_order(n, train, seed, num_epochs)
 
   def load(k: int) -> dict[str, Any]:
     step, slot = divmod(k, local)
     epoch, step_in_epoch = divmod(step, steps)
     i = step_in_epoch * global_batch + process_index * local + slot
     valid = i < n
-    pair, caption = index[order[epoch * n + (i if valid else 0)]]
-    return fetch(pair, caption, valid)
+    member, pair, caption = index[order[epoch * n + (i if valid else 0)]]
+    return fetches[member](pair, caption, valid)
 
   ds = grain.MapDataset.range(plan.num_steps * local).map(load).batch(local, drop_remainder=True)
   return ds, plan
@@ -306,9 +452,28 @@ def _item_order(n: int, train: bool, seed: int, num_epochs: int):
   return order.repeat(num_epochs)
 
 
+def _mixture_order(sizes: list[int], weights: list[float], seed: int):
+  """Rows of the members' concatenated item tables, drawn by weight: member k's items shuffled
+  (seed + k; a new permutation each pass over them, endlessly) and interleaved by grain's
+  deterministic mix. Random access, so the iterator state is a position, as for one dataset."""
+  import grain  # pylint: disable=import-outside-toplevel
+  starts = np.cumsum([0] + sizes[:-1])
+  parts = [grain.MapDataset.range(size).shuffle(seed=seed + k).repeat()
+           .map(functools.partial(operator.add, int(start)))
+           for k, (size, start) in enumerate(zip(sizes, starts))]
+  return grain.MapDataset.mix(parts, weights)
+
+
+def _single(dataset, what: str) -> Dataset:
+  if len(dataset.members) > 1:
+    raise cap.DataError(f'{what} works on one dataset, not the mixture {dataset.name}')
+  return dataset
+
+
 def train_items(dataset: Dataset, max_len: int) -> np.ndarray:
   """The train split's item table, (N, 2) rows of (pair, caption), as `make_batches` reads it."""
-  return item_index(dataset.caption_lengths['train'], max_len, train=True)
+  return item_index(_single(dataset, 'hard-negative mining').caption_lengths['train'], max_len,
+                    train=True)
 
 
 def mined_batches(dataset: Dataset, plan: Plan, table: np.ndarray, *, epoch: int,
@@ -326,8 +491,7 @@ def mined_batches(dataset: Dataset, plan: Plan, table: np.ndarray, *, epoch: int
                         f'{n_items} items')
   local = plan.global_batch // process_count
   order = _item_order(n_items, True, seed, plan.num_epochs)
-  fetch = _Fetch(dataset.source('train'), dataset.vocab, max_len, image_size,
-                 dataset.has_embeddings, False)
+  fetch = _Fetch.of(dataset, 'train', max_len, image_size, False)
 
   def load(k: int) -> dict[str, Any]:
     step_in_epoch, slot = divmod(k, local * n)
@@ -349,7 +513,11 @@ def iterate(ds: grain.MapDataset, *, num_threads: int = 4, prefetch: int = 8):
                                                    prefetch_buffer_size=prefetch)))
 
 
-def dataset_summary(dataset: Dataset) -> str:
-  sizes = {s: len(v) for s, v in dataset.caption_lengths.items()}
-  return json.dumps({'dataset': dataset.name, 'config': dataset.builder.builder_config.name,
-                     'pairs': sizes, 'vocab': len(dataset.vocab), 'image_size': dataset.image_size})
+def dataset_summary(dataset: 'Dataset | Mixture') -> str:
+  summary = [{'dataset': m.name, 'config': m.builder.builder_config.name,
+              'pairs': {s: len(v) for s, v in m.caption_lengths.items()},
+              'image_size': m.image_size} for m in dataset.members]
+  if len(summary) == 1:
+    return json.dumps({**summary[0], 'vocab': len(dataset.vocab)})
+  return json.dumps({'mixture': [dict(d, weight=w) for d, w in zip(summary, dataset.weights)],
+                     'vocab': len(dataset.vocab)})
