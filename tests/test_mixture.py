@@ -151,3 +151,15 @@ def test_training_on_a_mixture_evaluates_each_dataset(built, tmp_path):
     assert sub['dataset'] == name and sub['results'] == report['datasets'][name]['results']
     assert len(open(tmp_path / 'ev' / name / 'captions.jsonl').readlines()) == n
   assert json.load(open(tmp_path / 'ev' / 'metrics.json'))['mixture'] == MIX
+
+
+def test_datasets_built_before_word_counts_were_recorded_give_the_same_statistics(built):
+  data_dir, _ = built
+  ds = _open(data_dir, 'whu_cdc')
+  counts, texts = pipeline.text_statistics(ds)
+  meta = ds.builder.info.metadata
+  for key in ('word_counts', 'caption_texts'):
+    meta.pop(key)
+  scanned_counts, scanned_texts = pipeline.text_statistics(ds)  # read from the records
+  assert scanned_counts == counts and scanned_texts == texts
+  assert counts['the'] > 5 and 'there is no difference' in texts

@@ -198,7 +198,8 @@ def text_statistics(dataset: Dataset) -> tuple[dict[str, int], list[str]]:
     return {w: int(c) for w, c in meta['word_counts']}, list(meta['caption_texts'])
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   counts, texts = cap.word_counts([]), set()
-  only_text = tfds.decode.PartialDecoding({'tokens': True, 'captions': True})
+  only_text = {k: tfds.decode.SkipDecoding() for k, f in dataset.builder.info.features.items()
+               if isinstance(f, tfds.features.Image)}  # PNG bytes stay undecoded
   for split in dataset.splits:
     source = dataset.builder.as_data_source(split, decoders=only_text)
     for i in range(len(source)):
