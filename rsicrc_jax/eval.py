@@ -67,7 +67,8 @@ def save_figures(run, dataset, split, config, out_dir, num: int) -> list[str]:
   """One PNG per drawn pair: before | after | the decoder's cross-attention over the after
   image, with the generated caption and the references beneath; when the dataset has change
   masks (LEVIR-MCI, WHU-CDC), the true change is outlined on the after image and the attention
-  map (SECOND-CC: its semantic map's changed pixels). Greedy decoding only (beam search keeps no attention)."""
+  map (SECOND-CC: its semantic map's changed pixels). Greedy decoding only (beam search keeps
+  no attention)."""
   if not len(run['attention']) or num <= 0:
     return []
   import matplotlib  # pylint: disable=import-outside-toplevel

@@ -139,7 +139,8 @@ def run_model(model, dataset: pipeline.Dataset, split: str, config, *, batch_siz
     steps = min(steps, -(-max_pairs // batch_size))
   it = pipeline.iterate(batches, num_threads=config.data.num_threads)
   what = 'embed + decode' if decode else 'embed'
-  for _ in tqdm(range(steps), desc=f'{dataset.name} {split}: {what}', disable=not progress, leave=False):
+  for _ in tqdm(range(steps), desc=f'{dataset.name} {split}: {what}', disable=not progress,
+                leave=False):
     b = next(it)
     keep = np.flatnonzero(b['valid'])
     visual = runner.embed_images(b['image_a'], b['image_b'])

@@ -229,8 +229,8 @@ class Mixture:
     else:
       min_counts = {d.builder.builder_config.vocab_min_count for d in datasets}
       if len(min_counts) > 1:
-        raise cap.DataError(f'the datasets of a mixture must share vocab_min_count; got '
-                            f'{ {d.name: d.builder.builder_config.vocab_min_count for d in datasets} }')
+        found = {d.name: d.builder.builder_config.vocab_min_count for d in datasets}
+        raise cap.DataError(f'the datasets of a mixture must share vocab_min_count; got {found}')
       merged = cap.word_counts([])
       for counts, _ in stats:
         for w, c in counts.items():
