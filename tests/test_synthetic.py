@@ -139,7 +139,7 @@ def test_config_errors(tmp_path):
     pipeline.open_dataset(tiny_synthetic_cfg(tmp_path, num_pairs=3))
   with pytest.raises(cap.DataError, match='not built under .*run: tfds build datasets/levir_cc'):
     pipeline.open_dataset({'name': 'levir_cc', 'data_dir': str(tmp_path)})
-  with pytest.raises(cap.DataError, match='unknown dataset "levir"'):
+  with pytest.raises(cap.DataError, match="unknown dataset 'levir', expected one of"):
     pipeline.open_dataset({'name': 'levir', 'data_dir': str(tmp_path)})
   with pytest.raises(cap.DataError, match='registered config of synthetic_cc'):
     pipeline.open_dataset({'name': 'synthetic_cc', 'data_dir': str(tmp_path),

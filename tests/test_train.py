@@ -27,12 +27,23 @@ def _env(**extra):
 
 
 @pytest.fixture(scope='module')
-def sharded():
-  out = subprocess.run([sys.executable, os.path.join(REPO, 'tests', 'workers', 'sharded_step.py')],
-                       capture_output=True, text=True, cwd=REPO, timeout=900,
-                       env=_env(XLA_FLAGS='--xla_force_host_platform_device_count=8'))
-  assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout)
+def sharded(tmp_path_factory):
+  """The sharded-step worker's variants, in two processes at once (compiling dominates and uses
+  one core each)."""
+  out_dir = tmp_path_factory.mktemp('sharded')
+  worker = os.path.join(REPO, 'tests', 'workers', 'sharded_step.py')
+  groups = (['single', 'dp8', 'fsdp8'], ['single_accum2', 'dp8_accum2', 'by_hand_accum2'])
+  procs = []
+  for k, names in enumerate(groups):
+    with open(out_dir / f'{k}.json', 'w') as out, open(out_dir / f'{k}.err', 'w') as err:
+      procs.append(subprocess.Popen(
+          [sys.executable, worker, *names], stdout=out, stderr=err, cwd=REPO,
+          env=_env(XLA_FLAGS='--xla_force_host_platform_device_count=8')))
+  results = {}
+  for k, proc in enumerate(procs):
+    assert proc.wait(timeout=900) == 0, (out_dir / f'{k}.err').read_text()[-3000:]
+    results.update(json.loads((out_dir / f'{k}.json').read_text()))
+  return results
 
 
 @pytest.mark.parametrize('single,variant', [('single', 'dp8'), ('single', 'fsdp8'),
