@@ -140,7 +140,7 @@ def _cached_step(model, token, t, self_kv, cross_kv):
 def _greedy_cached(graphdef, state, img_before, img_after, *, start_id, end_id, pad_id,
                    max_steps):
   model = nnx.merge(graphdef, state)
-  _, visual_tokens = model.encode_images(img_before, img_after)
+  visual_emb, visual_tokens = model.encode_images(img_before, img_after)
   batch = img_before.shape[0]
   max_len = model.decoder.max_len
   self_kv, cross_kv = _init_cache(model, visual_tokens, batch)
@@ -158,24 +158,26 @@ def _greedy_cached(graphdef, state, img_before, img_after, *, start_id, end_id, 
 
   tokens, done, _, attn = _until_done(
       step, max_steps, (tokens, jnp.zeros(batch, bool), self_kv, attn), done_index=1)
-  return tokens, done, attn
+  return tokens, done, attn, visual_emb
 
 
 def greedy_decode_cached(model: nnx.Module, img_before: jax.Array, img_after: jax.Array, *,
                          start_id: int = cap.START, end_id: int = cap.END, pad_id: int = cap.PAD,
-                         max_steps: int | None = None):
+                         max_steps: int | None = None, with_embedding: bool = False):
   """Greedy captions with a key/value cache; same outputs as `greedy_decode`.
 
   Returns (tokens (B, max_len + 1), finished (B,), cross-attention (B, max_len, S): row t holds
   the last multimodal layer's head-averaged weights when predicting token t + 1; rows after the
-  batch's last END are zeros, since decoding stops there).
+  batch's last END are zeros, since decoding stops there), and with `with_embedding` the pairs'
+  visual embeddings (B, C) from the same image encoding (no second pass for retrieval).
   """
   max_steps = model.decoder.max_len if max_steps is None else max_steps
   if not 0 < max_steps <= model.decoder.max_len:
     raise ValueError(f'max_steps={max_steps} must be in 1..max_len={model.decoder.max_len}')
   graphdef, state = nnx.split(model)
-  return _greedy_cached(graphdef, state, img_before, img_after, start_id=start_id,
-                        end_id=end_id, pad_id=pad_id, max_steps=max_steps)
+  out = _greedy_cached(graphdef, state, img_before, img_after, start_id=start_id,
+                       end_id=end_id, pad_id=pad_id, max_steps=max_steps)
+  return out if with_embedding else out[:3]
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'beam_size', 'start_id', 'end_id',
@@ -183,7 +185,7 @@ def greedy_decode_cached(model: nnx.Module, img_before: jax.Array, img_after: ja
 def _beam(graphdef, state, img_before, img_after, *, beam_size, start_id, end_id, pad_id,
           max_steps, length_penalty):
   model = nnx.merge(graphdef, state)
-  _, visual_tokens = model.encode_images(img_before, img_after)
+  visual_emb, visual_tokens = model.encode_images(img_before, img_after)
   batch, k = img_before.shape[0], beam_size
   max_len = model.decoder.max_len
   # Beams are flattened into the batch: row b * k + j is beam j of pair b.
@@ -222,17 +224,19 @@ def _beam(graphdef, state, img_before, img_after, *, beam_size, start_id, end_id
   normalized = scores / jnp.maximum(lengths, 1).astype(jnp.float32) ** length_penalty
   best = jnp.argmax(normalized, axis=1)
   pick = lambda x: jnp.take_along_axis(x, best[:, None, *([None] * (x.ndim - 2))], axis=1)[:, 0]
-  return pick(tokens), pick(done), pick(normalized)
+  return pick(tokens), pick(done), pick(normalized), visual_emb
 
 
 def beam_search(model: nnx.Module, img_before: jax.Array, img_after: jax.Array, *,
                 beam_size: int = 3, length_penalty: float = 0.0, start_id: int = cap.START,
-                end_id: int = cap.END, pad_id: int = cap.PAD, max_steps: int | None = None):
+                end_id: int = cap.END, pad_id: int = cap.PAD, max_steps: int | None = None,
+                with_embedding: bool = False):
   """Batched beam search with a key/value cache (model in eval mode).
 
   Beams are ranked by summed log-probability; the final choice divides it by
   length ** length_penalty (0 = no normalisation; length counts generated tokens, END included).
-  Returns (tokens (B, max_len + 1), finished (B,), score (B,)). beam_size 1 is greedy.
+  Returns (tokens (B, max_len + 1), finished (B,), score (B,)), and with `with_embedding` the
+  pairs' visual embeddings (B, C). beam_size 1 is greedy.
   """
   max_steps = model.decoder.max_len if max_steps is None else max_steps
   if not 0 < max_steps <= model.decoder.max_len:
@@ -240,6 +244,7 @@ def beam_search(model: nnx.Module, img_before: jax.Array, img_after: jax.Array, 
   if beam_size < 1:
     raise ValueError(f'beam_size={beam_size} must be >= 1')
   graphdef, state = nnx.split(model)
-  return _beam(graphdef, state, img_before, img_after, beam_size=beam_size, start_id=start_id,
-               end_id=end_id, pad_id=pad_id, max_steps=max_steps,
-               length_penalty=float(length_penalty))
+  out = _beam(graphdef, state, img_before, img_after, beam_size=beam_size, start_id=start_id,
+              end_id=end_id, pad_id=pad_id, max_steps=max_steps,
+              length_penalty=float(length_penalty))
+  return out if with_embedding else out[:3]

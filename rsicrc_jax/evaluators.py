@@ -94,18 +94,25 @@ class Inference:
     """(B, L) int tokens, `[START] w.. [END] PAD..` -> text embeddings (B, C)."""
     return _embed_text(self.graphdef, self.params, self.put(tokens))
 
-  def caption(self, image_a, image_b, *, beam_size: int = 1,
-              length_penalty: float = 0.0) -> tuple[np.ndarray, np.ndarray | None]:
+  def caption(self, image_a, image_b, *, beam_size: int = 1, length_penalty: float = 0.0,
+              with_embedding: bool = False):
     """uint8 (B, H, W, 3) pairs -> (tokens (B, max_len + 1), the greedy decoder's cross-attention
-    (B, max_len, S), or None under beam search, which keeps none)."""
+    (B, max_len, S), or None under beam search, which keeps none), and with `with_embedding` the
+    visual embeddings (B, C) from the same image encoding: captioning and embedding a pair cost
+    one pass through the backbone and encoder, not two."""
     a = pipeline.normalize_images(self.put(image_a), normalization=self.normalization)
     b = pipeline.normalize_images(self.put(image_b), normalization=self.normalization)
     if beam_size > 1:
-      tokens, _, _ = decoding.beam_search(self.model, a, b, beam_size=beam_size,
-                                          length_penalty=length_penalty)
-      return np.asarray(tokens), None
-    tokens, _, attn = decoding.greedy_decode_cached(self.model, a, b)
-    return np.asarray(tokens), np.asarray(attn)
+      tokens, _, _, visual = decoding.beam_search(self.model, a, b, beam_size=beam_size,
+                                                  length_penalty=length_penalty,
+                                                  with_embedding=True)
+      attn = None
+    else:
+      tokens, _, attn, visual = decoding.greedy_decode_cached(self.model, a, b,
+                                                              with_embedding=True)
+      attn = np.asarray(attn)
+    out = (np.asarray(tokens), attn)
+    return out + (visual,) if with_embedding else out
 
 
 def attention_map(attention: np.ndarray, caption: str) -> np.ndarray:
@@ -143,7 +150,14 @@ def run_model(model, dataset: pipeline.Dataset, split: str, config, *, batch_siz
                 leave=False):
     b = next(it)
     keep = np.flatnonzero(b['valid'])
-    visual = runner.embed_images(b['image_a'], b['image_b'])
+    if decode:  # one image encoding gives the captions and the embeddings
+      tokens, attn, visual = runner.caption(b['image_a'], b['image_b'], beam_size=beam_size,
+                                            length_penalty=length_penalty, with_embedding=True)
+      if attn is not None:
+        out['attention'].append(attn[keep])  # for eval's figures
+      out['hypothesis'] += [cap.decode_caption(tokens[i], words) for i in keep]
+    else:
+      visual = runner.embed_images(b['image_a'], b['image_b'])
     text = runner.embed_text(b['tokens'])
     all_tokens = b['all_tokens'].reshape(-1, b['all_tokens'].shape[-1])
     all_text = np.asarray(runner.embed_text(all_tokens))
@@ -157,12 +171,6 @@ def run_model(model, dataset: pipeline.Dataset, split: str, config, *, batch_siz
       out['caption_emb'].append(b['caption_emb'][keep])
     out['filename'] += [str(b['filename'][i]) for i in keep]
     out['references'] += [[str(r) for r in b['references'][i]] for i in keep]
-    if decode:
-      tokens, attn = runner.caption(b['image_a'], b['image_b'], beam_size=beam_size,
-                                    length_penalty=length_penalty)
-      if attn is not None:
-        out['attention'].append(attn[keep])  # for eval's figures
-      out['hypothesis'] += [cap.decode_caption(tokens[i], words) for i in keep]
   run = {k: (np.concatenate(v) if v and k not in ('filename', 'hypothesis', 'references')
              else v) for k, v in out.items()}
   if max_pairs:

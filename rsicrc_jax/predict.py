@@ -327,12 +327,13 @@ def run_tiles(predictor: Predictor, imagery: Imagery, tiles: Sequence[rasters.Ti
         b = np.stack([read[i][1] for i in keep])
         pad = batch_size - len(keep)  # fixed shapes: one compiled program
         pa, pb = (np.concatenate([x, np.repeat(x[-1:], pad, 0)]) for x in (a, b))
-        visual = np.asarray(inf.embed_images(pa, pb))[:len(keep)]
-        out = Batch([chunk[i] for i in keep], a, b, visual)
-        if decode:
-          tokens, attn = inf.caption(pa, pb, beam_size=beam_size)
-          out.tokens = tokens[:len(keep)]
-          out.attention = None if attn is None else attn[:len(keep)]
+        if decode:  # one image encoding gives the captions and the embeddings
+          tokens, attn, visual = inf.caption(pa, pb, beam_size=beam_size, with_embedding=True)
+          out = Batch([chunk[i] for i in keep], a, b, np.asarray(visual)[:len(keep)],
+                      tokens[:len(keep)], None if attn is None else attn[:len(keep)])
+        else:
+          out = Batch([chunk[i] for i in keep], a, b,
+                      np.asarray(inf.embed_images(pa, pb))[:len(keep)])
         yield out
       bar.update(len(chunk))
   finally:

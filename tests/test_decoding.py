@@ -82,3 +82,21 @@ def jax_log_softmax(x):
 
 def test_strip_tokens():
   assert decoding.strip_tokens([[1, 5, 6, 3, 0], [1, 7, 7, 7, 7]]) == [[5, 6], [7, 7, 7, 7]]
+
+
+def test_decoding_also_gives_the_pair_embedding_of_its_one_image_encoding(model_and_images,
+                                                                          reference):
+  """Captioning and embedding a pair share one backbone + encoder pass (eval and predict use
+  this): the embedding that decoding returns is the model's visual embedding, and the tokens are
+  those decoding returns without it."""
+  model, a, b = model_and_images
+  want = np.asarray(model.encode_images(a, b)[0])
+  np.testing.assert_allclose(want, reference['eval/vis_emb'], rtol=1e-4, atol=1e-5)
+  tokens, _, _ = decoding.greedy_decode_cached(model, a, b)
+  tokens_e, _, _, emb = decoding.greedy_decode_cached(model, a, b, with_embedding=True)
+  np.testing.assert_array_equal(np.asarray(tokens_e), np.asarray(tokens))
+  np.testing.assert_allclose(np.asarray(emb), want, rtol=1e-4, atol=1e-5)  # jit vs eager
+  beam, _, _, emb = decoding.beam_search(model, a, b, beam_size=2, with_embedding=True)
+  np.testing.assert_array_equal(np.asarray(beam),
+                                np.asarray(decoding.beam_search(model, a, b, beam_size=2)[0]))
+  np.testing.assert_allclose(np.asarray(emb), want, rtol=1e-4, atol=1e-5)  # jit vs eager

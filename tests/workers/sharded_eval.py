@@ -34,14 +34,15 @@ def main(data_dir):
   model = RSICRC(config.model, rngs=nnx.Rngs(0))
   model.eval()
   devices = jax.devices()
-  # Record how many devices each embedding batch was split over.
-  seen, embed = [], evaluators._embed_images  # pylint: disable=protected-access
+  # Record how many devices each batch (images, tokens) was split over on its way in.
+  seen, put = [], evaluators.Inference.put
 
-  def spy(graphdef, state, image_a, *args):
-    seen.append(len(image_a.sharding.device_set))
-    return embed(graphdef, state, image_a, *args)
+  def spy(self, x):
+    out = put(self, x)
+    seen.append(len(out.sharding.device_set))
+    return out
 
-  evaluators._embed_images = spy
+  evaluators.Inference.put = spy
   one, eight = Mesh(np.asarray(devices[:1]), ('data',)), Mesh(np.asarray(devices), ('data',))
   out = {'devices': len(devices)}
   for beam in (1, 2):
