@@ -151,3 +151,19 @@ def test_second_cc_bad_input_names_the_file_and_leaves_nothing(tmp_path, damage,
   with pytest.raises(cap.DataError, match=message):
     _build(builders.SecondCCBuilder, root, tmp_path / 'data')
   assert dataset_files(tmp_path / 'data') == []
+
+
+def test_dubai_cc_pairs_with_other_than_five_captions_are_filled_or_cut():
+  six = [{'raw': f'A road was built {k}.', 'tokens': ['A', 'road', 'was', 'built', f'{k}.']}
+         for k in range(6)]
+  data = {'images': [{'filename': '1x1.tif', 'sentences': six},
+                     {'filename': '1x2.tif', 'sentences': [{'raw': 'Nothing has changed.'},
+                                                           {'raw': 'No change was made.'}]}]}
+  records, dropped = cap.parse_dubai_captions(data, 'Test_Dubai_CC.json', 'test', first_imgid=7)
+  assert dropped == 1 and [r.imgid for r in records] == [7, 8]
+  assert records[0].raws == tuple(s['raw'] for s in six[:5])
+  assert records[0].tokens[4] == ('a', 'road', 'was', 'built', '4')
+  assert records[1].raws == ('Nothing has changed.', 'No change was made.') * 2 + (
+      'Nothing has changed.',)
+  assert records[1].tokens[1] == ('no', 'change', 'was', 'made')  # from raw when no tokens
+  assert [r.changeflag for r in records] == [1, 0]

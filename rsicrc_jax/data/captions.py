@@ -88,7 +88,7 @@ def _expect(cond: bool, path: str, where: str, what: str) -> None:
     raise DataError(f'{path}: {where}: expected {what}')
 
 
-def fill_captions(raws: Sequence[str]) -> tuple[tuple[str, ...], int]:
+def fill_captions(raws: Sequence) -> tuple[tuple, int]:
   """A user's 1..n captions of a pair -> exactly CAPTIONS_PER_PAIR (fewer are repeated in
   order, so that training samples each about equally often; repeats are the same sentence to the
   FNA loss), and how many beyond the first CAPTIONS_PER_PAIR were dropped."""
@@ -346,9 +346,8 @@ def parse_dubai_captions(data: object, path: str, split: str, first_imgid: int =
       _expect(bool(words), path, sw, f'a caption with words, got {s["raw"]!r}')
       raws.append(s['raw'])
       tokens.append(words)
-    keep = list(range(len(raws)))
-    keep = [keep[k % len(keep)] for k in range(CAPTIONS_PER_PAIR)]  # fill_captions' rule
-    dropped += max(0, len(raws) - CAPTIONS_PER_PAIR)
+    keep, extra = fill_captions(range(len(raws)))  # which captions, repeated or cut to 5
+    dropped += extra
     raws_5 = tuple(raws[k] for k in keep)
     records.append(PairRecord('', entry['filename'], first_imgid + len(records), split,
                               infer_changeflag(raws_5, no_change), raws_5,
