@@ -141,11 +141,10 @@ def evaluate(config, checkpoint: str, *, out_dir: str | None = None,
   out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(checkpoint)),
                                     f'eval_{e.split}')
   if len(dataset.members) == 1:
-    return _evaluate_dataset(model, dataset, config, checkpoint, out_dir, progress)
+    return _evaluate_dataset(model, dataset, config, e, checkpoint, out_dir, progress)
   # A mixture: each dataset scored on its own, in out_dir/<dataset>/, and a summary.
-  report = {'checkpoint': os.path.abspath(checkpoint), 'dataset': dataset.name, 'split': e.split,
-            'mixture': dataset.name,
-            'datasets': {m.name: _evaluate_dataset(model, m, config, checkpoint,
+  report = {'checkpoint': os.path.abspath(checkpoint), 'split': e.split, 'mixture': dataset.name,
+            'datasets': {m.name: _evaluate_dataset(model, m, config, e, checkpoint,
                                                    os.path.join(out_dir, m.name), progress)
                          for m in dataset.members}}
   with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
@@ -153,11 +152,10 @@ def evaluate(config, checkpoint: str, *, out_dir: str | None = None,
   return report
 
 
-def _evaluate_dataset(model, dataset, config, checkpoint: str, out_dir: str,
+def _evaluate_dataset(model, dataset, config, e, checkpoint: str, out_dir: str,
                       progress: bool) -> dict:
-  """Scores one dataset's `config.eval.split` and writes metrics.json, metrics.md,
+  """Scores one dataset's split with the eval settings `e` and writes metrics.json, metrics.md,
   captions.jsonl and figures into out_dir."""
-  e = eval_settings(config)
   os.makedirs(out_dir, exist_ok=True)
   run = evaluators.run_model(model, dataset, e.split, config, batch_size=e.batch_size,
                              beam_size=e.beam_size, length_penalty=e.length_penalty,

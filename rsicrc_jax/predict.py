@@ -138,9 +138,8 @@ class Predictor:
 
   @property
   def embedding_dim(self) -> int:
-    row = np.full((1, self.max_len), cap.PAD, np.int32)
-    row[0, :2] = cap.START, cap.END
-    return int(self.text_embeddings(row).shape[-1])
+    """The size of pair and text embeddings: the decoder's width (d_model)."""
+    return int(self.model.decoder.tokens_embed.features)
 
   def no_change_embedding(self) -> np.ndarray | None:
     """The mean of the normalised text embeddings of LEVIR-CC's five no-change sentences (those

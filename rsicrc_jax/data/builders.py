@@ -49,6 +49,13 @@ def _check(cond: bool, message: str) -> None:
     raise cap.DataError(message)
 
 
+def _check_present(paths: Iterable[str], listed: str, under: str = '') -> None:
+  """DataError unless every file exists: '<listed>; N are missing[ under DIR], e.g. ...'."""
+  missing = [p for p in paths if not os.path.isfile(p)]
+  _check(not missing, f'{listed}; {len(missing)} are missing{" under " + under if under else ""}'
+         ', e.g. ' + ', '.join(missing[:5]))
+
+
 def _picture(size: int, channels: int, raw: bool) -> tfds.features.FeatureConnector:
   """A size x size picture feature: PNG, or with `raw` the uint8 bytes as they are (no PNG to
   decode when reading, for hosts that must feed an accelerator; about 3x the disk)."""
@@ -183,6 +190,7 @@ class _CaptionDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
         'caption_lengths': {s: v for s, v in lengths.items() if v},
         'sentence_encoder': cfg.sentence_encoder,
         'num_caption_texts': len(self._caption_ids),
+        'pairs_unchanged': sum(r.changeflag == 0 for r in records),
         # What a mixture with other datasets needs to merge vocabularies and caption ids: the
         # word counts in first-seen order, and the caption texts (id = position).
         'word_counts': [[w, c] for w, c in counts.items()],
@@ -245,15 +253,10 @@ class LevirCCBuilder(_CaptionDatasetBuilder, skip_registration=True):
     root = os.fspath(dl_manager.manual_dir)
     json_path = os.path.join(root, self.CAPTIONS_FILE)
     records = cap.read_captions(json_path)
-    missing = []
-    for rec in records:
-      for side in self._sides():
-        path = os.path.join(root, 'images', rec.filepath, side, rec.filename)
-        if not os.path.isfile(path):
-          missing.append(path)
-    _check(not missing, f'{json_path} lists {len(self._sides()) * len(records)} images; '
-           f'{len(missing)} are missing under {os.path.join(root, "images")}, e.g. '
-           + ', '.join(missing[:5]))
+    _check_present((os.path.join(root, 'images', rec.filepath, side, rec.filename)
+                    for rec in records for side in self._sides()),
+                   f'{json_path} lists {len(self._sides()) * len(records)} images',
+                   os.path.join(root, 'images'))
     self._prepare_metadata(records)
     return {s: self._generate_examples(root, [r for r in records if r.split == s])
             for s in cap.SPLITS if any(r.split == s for r in records)}
@@ -271,16 +274,24 @@ class LevirCCBuilder(_CaptionDatasetBuilder, skip_registration=True):
       raise cap.DataError(f'{path}: cannot decode the image ({e}); expected a {size}x{size} '
                           'RGB PNG') from e
 
+  def _pair_example(self, path_a: str, path_b: str, rec: cap.PairRecord) -> dict:
+    """The pictures (checked to have one size, stored as configured) and text of one pair."""
+    image_a, image_b = self._read_image(path_a), self._read_image(path_b)
+    _check(image_a.shape == image_b.shape, f'{path_a} is {image_a.shape[:2]} but {path_b} is '
+           f'{image_b.shape[:2]}: a pair must have one size')
+    return {'image_a': self._store(image_a), 'image_b': self._store(image_b),
+            **self._text_features(rec)}
+
+  def _generate_pairs(self, paths: dict, records: Sequence[cap.PairRecord]):
+    """Examples of pairs whose pictures are paths[imgid] = (before, after)."""
+    for rec in records:
+      yield rec.imgid, self._pair_example(*paths[rec.imgid], rec)
+
   def _generate_examples(self, root: str, records: Sequence[cap.PairRecord]):
     for rec in records:
       folder = os.path.join(root, 'images', rec.filepath)
-      path_a = os.path.join(folder, 'A', rec.filename)
-      path_b = os.path.join(folder, 'B', rec.filename)
-      image_a, image_b = self._read_image(path_a), self._read_image(path_b)
-      _check(image_a.shape == image_b.shape, f'{path_a} is {image_a.shape[:2]} but {path_b} is '
-             f'{image_b.shape[:2]}: a pair must have one size')
-      example = {'image_a': self._store(image_a), 'image_b': self._store(image_b),
-                 **self._text_features(rec)}
+      example = self._pair_example(os.path.join(folder, 'A', rec.filename),
+                                   os.path.join(folder, 'B', rec.filename), rec)
       if self.MASK_CLASSES is not None:
         example['change_mask'] = self._store(
             self._read_mask(os.path.join(folder, 'label', rec.filename)), labels=True)
@@ -356,38 +367,25 @@ class DubaiCCBuilder(LevirCCBuilder, skip_registration=True):
     records, dropped = [], 0
     for split, name in self.CAPTION_FILES.items():
       path = os.path.join(root, self.CAPTIONS_DIR, name)
-      _check(os.path.isfile(path), f'{path}: caption file not found; expected Dubai-CC\'s '
-             f'{self.CAPTIONS_DIR}/{{{",".join(self.CAPTION_FILES.values())}}}')
-      try:
-        with open(path, encoding='utf-8') as f:
-          data = json.load(f)
-      except json.JSONDecodeError as e:
-        raise cap.DataError(f'{path}: not valid JSON ({e})') from e
-      recs, extra = cap.parse_dubai_captions(data, path, split, len(records))
+      expected = f'Dubai-CC\'s {self.CAPTIONS_DIR}/{{{",".join(self.CAPTION_FILES.values())}}}'
+      _check(os.path.isfile(path), f'{path}: caption file not found; expected {expected}')
+      recs, extra = cap.parse_dubai_captions(cap.load_json(path, expected), path, split,
+                                             len(records))
       records += recs
       dropped += extra
     paths = {r.imgid: tuple(os.path.join(root, side, r.filename) for side in (self.BEFORE,
                                                                                 self.AFTER))
              for r in records}
-    missing = [p for pair in paths.values() for p in pair if not os.path.isfile(p)]
-    _check(not missing, f'the caption files list {2 * len(records)} tiles; {len(missing)} are '
-           'missing, e.g. ' + ', '.join(missing[:5]))
+    _check_present((p for pair in paths.values() for p in pair),
+                   f'the caption files list {2 * len(records)} tiles')
     self._prepare_metadata(records)
     self.info.metadata.update({
         'captions_dropped': dropped,
-        'pairs_unchanged': sum(r.changeflag == 0 for r in records),
         'no_change_rule': 'every caption is one of Dubai-CC\'s no-change sentences',
         'text_normalisation': 'tokens lowercased, punctuation stripped; captions kept as written',
     })
     return {s: self._generate_pairs(paths, [r for r in records if r.split == s])
             for s in cap.SPLITS if any(r.split == s for r in records)}
-
-  def _generate_pairs(self, paths, records):
-    for rec in records:
-      path_a, path_b = paths[rec.imgid]
-      yield rec.imgid, {'image_a': self._store(self._read_image(path_a)),
-                        'image_b': self._store(self._read_image(path_b)),
-                        **self._text_features(rec)}
 
 
 # SECOND-CC's semantic maps are colour pictures: colour -> land-cover class. The base colours are
@@ -431,12 +429,10 @@ class SecondCCBuilder(LevirCCBuilder, skip_registration=True):
     records = cap.read_captions(json_path, strict=False)
     paths = {r.imgid: [os.path.join(root, r.filepath, kind, side, r.filename)
                        for kind in ('rgb', 'sem') for side in ('A', 'B')] for r in records}
-    missing = [p for four in paths.values() for p in four if not os.path.isfile(p)]
-    _check(not missing, f'{json_path} lists {4 * len(records)} pictures (rgb and sem, A and B); '
-           f'{len(missing)} are missing, e.g. ' + ', '.join(missing[:5]))
+    _check_present((p for four in paths.values() for p in four),
+                   f'{json_path} lists {4 * len(records)} pictures (rgb and sem, A and B)')
     self._prepare_metadata(records)
-    self.info.metadata.update({'semantic_classes': list(SECOND_CLASSES),
-                               'pairs_unchanged': sum(r.changeflag == 0 for r in records)})
+    self.info.metadata.update({'semantic_classes': list(SECOND_CLASSES)})
     return {s: self._generate_pairs(paths, [r for r in records if r.split == s])
             for s in cap.SPLITS if any(r.split == s for r in records)}
 
@@ -457,12 +453,9 @@ class SecondCCBuilder(LevirCCBuilder, skip_registration=True):
   def _generate_pairs(self, paths, records):
     for rec in records:
       path_a, path_b, sem_a, sem_b = paths[rec.imgid]
-      yield rec.imgid, {
-          'image_a': self._store(self._read_image(path_a)),
-          'image_b': self._store(self._read_image(path_b)),
-          'semantic_a': self._store(self._read_semantic(sem_a), labels=True),
-          'semantic_b': self._store(self._read_semantic(sem_b), labels=True),
-          **self._text_features(rec)}
+      yield rec.imgid, {**self._pair_example(path_a, path_b, rec),
+                        'semantic_a': self._store(self._read_semantic(sem_a), labels=True),
+                        'semantic_b': self._store(self._read_semantic(sem_b), labels=True)}
 
 
 @dataclasses.dataclass(eq=False)
@@ -501,21 +494,18 @@ class ChangeCaptionsBuilder(LevirCCBuilder, skip_registration=True):
            + (' and '.join(found) if found else 'neither'))
     path = os.path.join(root, found[0])
     if found[0] == 'captions.json':
-      records = cap.read_captions(path, strict=False)
-      with open(path, encoding='utf-8') as f:
-        dropped = sum(max(0, len(e.get('sentences', [])) - cap.CAPTIONS_PER_PAIR)
-                      for e in json.load(f)['images'])
+      data = cap.load_json(path, 'a captions.json in the LEVIR-CC schema')
+      records = cap.parse_captions(data, path, strict=False)
+      dropped = sum(max(0, len(e['sentences']) - cap.CAPTIONS_PER_PAIR) for e in data['images'])
       paths = {r.imgid: tuple(os.path.join('images', r.filepath, side, r.filename)
                               for side in ('A', 'B')) for r in records}
     else:
       records, paths, dropped = cap.read_caption_csv(path)
     paths = {k: tuple(os.path.join(root, p) for p in v) for k, v in paths.items()}
-    missing = [p for pair in paths.values() for p in pair if not os.path.isfile(p)]
-    _check(not missing, f'{path} lists {2 * len(paths)} images; {len(missing)} are missing, e.g. '
-           + ', '.join(missing[:5]))
+    _check_present((p for pair in paths.values() for p in pair),
+                   f'{path} lists {2 * len(paths)} images')
     self._prepare_metadata(records)
-    self.info.metadata.update({'captions_file': found[0], 'captions_dropped': dropped,
-                               'pairs_unchanged': sum(r.changeflag == 0 for r in records)})
+    self.info.metadata.update({'captions_file': found[0], 'captions_dropped': dropped})
     return {s: self._generate_pairs(paths, [r for r in records if r.split == s])
             for s in cap.SPLITS if any(r.split == s for r in records)}
 
@@ -528,15 +518,6 @@ class ChangeCaptionsBuilder(LevirCCBuilder, skip_registration=True):
         return np.asarray(im.convert('RGB'))
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
       raise cap.DataError(f'{path}: cannot decode the image ({e})') from e
-
-  def _generate_pairs(self, paths, records):
-    for rec in records:
-      path_a, path_b = paths[rec.imgid]
-      image_a, image_b = self._read_image(path_a), self._read_image(path_b)
-      _check(image_a.shape == image_b.shape, f'{path_a} is {image_a.shape[:2]} but {path_b} is '
-             f'{image_b.shape[:2]}: a pair must have one size')
-      yield rec.imgid, {'image_a': self._store(image_a), 'image_b': self._store(image_b),
-                        **self._text_features(rec)}
 
 
 @dataclasses.dataclass(eq=False)

@@ -162,15 +162,20 @@ def read_captions(path: str | os.PathLike, *, strict: bool = True) -> list[PairR
   """Reads and validates a captions JSON in the LEVIR-CC schema (`LevirCCcaptions.json`, WHU-CDC's
   `whuCCcaptions.json`; with `strict` off, a user's own, see parse_captions)."""
   path = os.fspath(path)
+  return parse_captions(load_json(path, 'the download\'s captions JSON, e.g. LevirCCcaptions.json '
+                                  'of LEVIR-CC'), path, strict=strict)
+
+
+def load_json(path: str, expected: str) -> object:
+  """A captions file's JSON; DataError naming the file when it is missing (saying `expected`)
+  or not valid JSON."""
   if not os.path.isfile(path):
-    raise DataError(f'{path}: caption file not found (expected the download\'s captions JSON, '
-                    'e.g. LevirCCcaptions.json of LEVIR-CC)')
+    raise DataError(f'{path}: caption file not found (expected {expected})')
   try:
     with open(path, encoding='utf-8') as f:
-      data = json.load(f)
+      return json.load(f)
   except json.JSONDecodeError as e:
     raise DataError(f'{path}: not valid JSON ({e})') from e
-  return parse_captions(data, path, strict=strict)
 
 
 def build_vocabulary(token_lists: Iterable[Sequence[str]], min_count: int = 5) -> dict[str, int]:
