@@ -14,7 +14,7 @@ it (vocab.json in the directory or its run's workdir, or the run's dataset) or g
 Embedding and captioning are eval's (`rsicrc_jax.evaluators.Inference`): batched, jit-compiled,
 KV-cached greedy decoding, data parallel over this process's devices. With --num_processes and
 --process_id, each process (host) takes every num_processes-th tile; `index` runs then fill one
-index directory. Each subcommand has its own --help.
+index directory, and `caption` runs one --out (the last process to finish merges the parts). Each subcommand has its own --help.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -344,12 +345,19 @@ def run_tiles(predictor: Predictor, imagery: Imagery, tiles: Sequence[rasters.Ti
 # caption
 
 def caption(args) -> dict:
-  """Captions every tile pair; writes captions.jsonl, captions.geojson, report.html."""
+  """Captions every tile pair; writes captions.jsonl, captions.geojson, report.html.
+
+  With --num_processes N, each process captions its share and saves it as a part beside OUT
+  (OUT.parts/p<k>-of-<N>/, written whole); the process that completes the set merges the parts
+  into OUT, which is then the same as one process would write."""
   from rsicrc_jax import evaluators  # pylint: disable=import-outside-toplevel
-  from rsicrc_jax import model_io  # pylint: disable=import-outside-toplevel
+  out = os.path.abspath(args.out)
+  if os.path.exists(out) and not args.overwrite:  # before the work, not after it
+    raise FileExistsError(f'{out} already exists; remove it or pass --overwrite')
   predictor = Predictor.load(args.checkpoint, args.vocab)
   imagery = _imagery(args)
-  tiles = process_share(imagery.tiles(predictor.image_size), args.process_id, args.num_processes)
+  all_tiles = imagery.tiles(predictor.image_size)
+  tiles = process_share(all_tiles, args.process_id, args.num_processes)
   words = cap.id_to_word(predictor.vocab)
   no_change = predictor.no_change_embedding()
   records, maps, skipped = [], {}, []
@@ -371,25 +379,123 @@ def caption(args) -> dict:
              'seconds': round(seconds, 2), 'tiles_per_s': round(len(tiles) / max(seconds, 1e-9), 2),
              'aligned': imagery.aligned, 'model': predictor.describe(),
              'vocabulary': predictor.vocab_source}
-  with model_io.atomic_output(args.out, is_dir=True, overwrite=args.overwrite) as out:
-    report.write_jsonl(os.path.join(out, 'captions.jsonl'),
+  if args.num_processes > 1:
+    job = _caption_job(args, predictor, imagery)
+    parts_dir = out + '.parts'
+    _save_part(parts_dir, args, job, records, maps, summary)
+    merged = _merge_parts(parts_dir, args, job, [t.tile_id for t in all_tiles])
+    if merged is None:
+      summary['merged'] = False
+      if not args.quiet:
+        print(f'{len(records)} tiles captioned ({summary["tiles_per_s"]} tiles/s), '
+              f'{len(skipped)} skipped as nodata; part {args.process_id + 1} of '
+              f'{args.num_processes} saved in {parts_dir}; the last process to finish writes '
+              f'{out}')
+      return summary
+    records, maps, summary = merged
+    summary['merged'] = True
+  _write_captions(out, args, records, maps, summary, imagery, predictor.image_size,
+                  no_change is not None)
+  if args.num_processes > 1:
+    shutil.rmtree(out + '.parts', ignore_errors=True)
+  if not args.quiet:
+    print(f'{summary["captioned"]} tiles captioned ({summary["tiles_per_s"]} tiles/s), '
+          f'{summary["skipped_nodata"]} skipped as nodata; written to {out}')
+  return summary
+
+
+def _write_captions(out, args, records, maps, summary, imagery, image_size, scored) -> None:
+  """OUT, written whole (a temporary directory renamed into place)."""
+  from rsicrc_jax import model_io  # pylint: disable=import-outside-toplevel
+  job = summary.get('job')
+  if job and os.path.exists(out) and _job_of(os.path.join(out, 'summary.json')) == job:
+    return  # another process of this job completed the set at the same moment and wrote it
+  with model_io.atomic_output(out, is_dir=True, overwrite=True) as tmp:
+    report.write_jsonl(os.path.join(tmp, 'captions.jsonl'),
                        ({k: r[k] for k in CAPTION_FIELDS} for r in records))
     if any(r['footprint'] for r in records):
-      report.write_geojson(os.path.join(out, 'captions.geojson'), records,
+      report.write_geojson(os.path.join(tmp, 'captions.geojson'), records,
                            ('tile_id', 'caption', 'change_score', 'window', 'bbox'))
-    if no_change is None:
+    if not scored:
       ranked, title, meta = records, 'Tiles', _meta(summary, args) + [_NO_SCORE]
     else:
       ranked = sorted(records, key=lambda r: -r['change_score'])
       title, meta = 'Changes, most changed first', _meta(summary, args)
-    _html_report(os.path.join(out, 'report.html'), title, ranked, imagery, predictor.image_size,
+    _html_report(os.path.join(tmp, 'report.html'), title, ranked, imagery, image_size,
                  maps, args.report_tiles, meta, _score_line)
-    with open(os.path.join(out, 'summary.json'), 'w') as f:
+    with open(os.path.join(tmp, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=1)
-  if not args.quiet:
-    print(f'{len(records)} tiles captioned ({summary["tiles_per_s"]} tiles/s), '
-          f'{len(skipped)} skipped as nodata; written to {os.path.abspath(args.out)}')
-  return summary
+
+
+def _caption_job(args, predictor: Predictor, imagery: Imagery) -> str:
+  """What makes the parts of one multi-process caption run belong together: the model, the
+  imagery and how it is cut and read, the decoding, the number of processes."""
+  job = {'model': predictor.fingerprint, 'before': _abs(args.before), 'after': _abs(args.after),
+         'pairs': _abs(args.pairs), 'tile': args.tile, 'stride': args.stride,
+         'read': imagery.settings(), 'max_nodata': args.max_nodata, 'beam_size': args.beam_size,
+         'report_tiles': args.report_tiles, 'num_processes': args.num_processes}
+  return hashlib.blake2b(json.dumps(job, sort_keys=True).encode(), digest_size=12).hexdigest()
+
+
+def _abs(path: str | None) -> str | None:
+  return os.path.abspath(path) if path else None
+
+
+def _job_of(summary_path: str) -> str | None:
+  try:
+    with open(summary_path) as f:
+      return json.load(f).get('job')
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
+def _save_part(parts_dir, args, job, records, maps, summary) -> None:
+  from rsicrc_jax import model_io  # pylint: disable=import-outside-toplevel
+  name = os.path.join(parts_dir, f'p{args.process_id}-of-{args.num_processes}')
+  with model_io.atomic_output(name, is_dir=True, overwrite=True) as tmp:
+    report.write_jsonl(os.path.join(tmp, 'records.jsonl'), records)
+    np.savez(os.path.join(tmp, 'attention.npz'), **{f'm{i}': maps[r['tile_id']]
+                                                    for i, r in enumerate(records)
+                                                    if r['tile_id'] in maps})
+    with open(os.path.join(tmp, 'summary.json'), 'w') as f:
+      json.dump({**summary, 'job': job, 'process_id': args.process_id}, f, indent=1)
+
+
+def _merge_parts(parts_dir, args, job, tile_order):
+  """(records in tile order, attention maps, summary) when every part of `job` is saved, else
+  None. A part of another job (other imagery, model or settings) is an error, not mixed in."""
+  n = args.num_processes
+  parts = {}
+  for name in sorted(os.listdir(parts_dir)):
+    if name.startswith('.') or '.partial-' in name:
+      continue  # a part being written
+    path = os.path.join(parts_dir, name)
+    if _job_of(os.path.join(path, 'summary.json')) != job:
+      raise ValueError(f'{path} is a part of another caption run (other imagery, model, '
+                       f'settings or --num_processes); remove {parts_dir} and run every '
+                       'process again')
+    parts[name] = path
+  if sorted(parts) != sorted(f'p{k}-of-{n}' for k in range(n)):
+    return None
+  records, maps, summaries = [], {}, []
+  for path in parts.values():
+    with open(os.path.join(path, 'summary.json')) as f:
+      summaries.append(json.load(f))
+    with open(os.path.join(path, 'records.jsonl')) as f:
+      recs = [json.loads(line) for line in f]
+    with np.load(os.path.join(path, 'attention.npz')) as z:
+      maps.update({recs[int(k[1:])]['tile_id']: z[k] for k in z.files})
+    records += recs
+  position = {tid: i for i, tid in enumerate(tile_order)}
+  records.sort(key=lambda r: position[r['tile_id']])
+  tiles = sum(s['tiles'] for s in summaries)
+  seconds = max(s['seconds'] for s in summaries)
+  summary = {**summaries[0], 'tiles': tiles, 'captioned': len(records),
+             'skipped_nodata': sum(s['skipped_nodata'] for s in summaries),
+             'seconds': seconds, 'tiles_per_s': round(tiles / max(seconds, 1e-9), 2),
+             'processes': n, 'job': job}
+  summary.pop('process_id')
+  return records, maps, summary
 
 
 def _score_line(r: dict) -> str:
@@ -661,8 +767,9 @@ def _add_imagery(p):
                  'multiple of the device count).')
   r.add_argument('--num_threads', type=int, default=4, help='Threads reading tiles.')
   r.add_argument('--num_processes', type=int, default=1, help='Processes (hosts) sharing the '
-                 'work: each takes every num_processes-th tile (index: all may write to one '
-                 '--index; caption: give each its own --out).')
+                 'work: each takes every num_processes-th tile. index: all write to one '
+                 '--index. caption: all give the same --out; each saves its part in OUT.parts/ '
+                 'and the last to finish writes OUT.')
   r.add_argument('--process_id', type=int, default=0, help='This process, 0 .. num_processes-1.')
   r.add_argument('--quiet', action='store_true', help='No progress bar or summary.')
 

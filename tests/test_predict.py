@@ -100,6 +100,41 @@ def test_caption_writes_tiles_footprints_and_report_exactly_on_the_grid(model_di
   assert len(os.listdir(out / 'tiles')) == 3 * ROWS * COLS  # before, after, attention each
 
 
+def test_two_caption_processes_write_the_one_process_output(model_dir, scene, tmp_path):
+  """--num_processes 2: each process saves its part beside OUT; the one that completes the set
+  (here process 0, run second) writes OUT, in tile order, as one process writes it."""
+  before, after, _ = scene
+  common = ('caption', '--checkpoint', model_dir, '--before', before, '--after', after,
+            '--batch_size', '5')
+  single, out = tmp_path / 'single', tmp_path / 'out'
+  _run(*common, '--out', str(single))
+  parts = str(out) + '.parts'
+  first = _run(*common, '--out', str(out), '--num_processes', '2', '--process_id', '1')
+  assert first['merged'] is False and first['captioned'] == ROWS * COLS // 2
+  assert not out.exists() and os.listdir(parts) == ['p1-of-2']
+  second = _run(*common, '--out', str(out), '--num_processes', '2', '--process_id', '0')
+  assert second['merged'] and second['captioned'] == ROWS * COLS and second['processes'] == 2
+  assert not os.path.exists(parts)
+  one = [json.loads(l) for l in open(single / 'captions.jsonl')]
+  two = [json.loads(l) for l in open(out / 'captions.jsonl')]
+  assert [(r['tile_id'], r['window'], r['bbox'], r['caption']) for r in two] == [
+      (r['tile_id'], r['window'], r['bbox'], r['caption']) for r in one]
+  np.testing.assert_allclose([r['change_score'] for r in two],
+                             [r['change_score'] for r in one], rtol=1e-5, atol=1e-6)
+  geo_one, geo_two = (json.load(open(d / 'captions.geojson')) for d in (single, out))
+  key = lambda f: (f['geometry'], f['properties']['tile_id'], f['properties']['caption'])
+  assert [key(f) for f in geo_two['features']] == [key(f) for f in geo_one['features']]
+  # The report shows every tile with its attention overlay, from both processes' parts.
+  assert sorted(os.listdir(out / 'tiles')) == sorted(os.listdir(single / 'tiles'))
+  # A part saved by a run with other settings is not mixed in: the error names it.
+  stale = tmp_path / 'stale'
+  _run(*common, '--out', str(stale), '--num_processes', '2', '--process_id', '0')
+  with pytest.raises(ValueError, match=r'stale\.parts/p0-of-2 is a part of another caption run'):
+    _run(*common, '--out', str(stale), '--num_processes', '2', '--process_id', '1',
+         '--max_nodata', '0.4')
+  assert not stale.exists()
+
+
 def test_index_holds_the_model_embedding_of_each_grid_pair(model_dir, scene, tmp_path):
   """Each stored embedding is the model's embedding of the pair drawn in that grid cell: the
   windows read the right pixels."""
