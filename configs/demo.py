@@ -38,6 +38,11 @@ def get_config():
   # lambda 3 (reference 0.5) gives retrieval more weight in the shared layers (at 50% changed,
   # R@10 was 0.18 after 4 epochs with 0.5; 0.34 after 7 with 3).
   config.loss.lamb = 3.0
+  # 0.05 rather than the reference's 0.01 (CLIP's final temperature, right for its pre-trained
+  # towers): from scratch, the softer softmax lets both tasks learn about twice as fast. Seed 2,
+  # val changed-pair R@10 after epochs 1-4: 0.06 / 0.06 / 0.20 / 0.29 at 0.01, 0.10 / 0.29 /
+  # 0.47 / 0.58 at 0.05, 0.16 / 0.32 / 0.45 / 0.52 at 0.1; val BLEU-4 at epoch 4: 0.45 -> 0.60.
+  config.loss.temperature = 0.05
   config.batch_size = 32
   config.epochs = 10
   # Measured alternatives (test changed-pair text->pair R@10 of best/): 1e-3 learns sooner but
@@ -49,4 +54,6 @@ def get_config():
   # best/ by what the demo is judged on: changed-pair text->pair R@10 on the val split. The
   # validation loss is a noisy proxy for it (see the README's runs).
   config.best_metric = 'val/retrieval/changed/R@10'
+  # The README command (no --config.seed) trains the README table's seed-0 row.
+  config.seed = 0
   return config
