@@ -59,6 +59,11 @@ class _DropNoise(std_logging.Filter):
     return not str(record.msg).startswith(_NOISE)
 
 
+def drop_noise_warnings() -> None:
+  """Drops the warnings above from absl's log (also for scripts that call a command's main)."""
+  std_logging.getLogger('absl').addFilter(_DropNoise())
+
+
 def ignore_closed_event_loop_errors() -> None:
   """After a failed Orbax restore (a damaged checkpoint), TensorStore reads still in flight
   finish on their own threads and try to wake Orbax's event loop, which is closed by then, and
@@ -149,7 +154,7 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
   argv = list(sys.argv if argv is None else argv)
   if not any(a.startswith(('--verbosity', '-v=', '--v=')) for a in argv[1:]):
     argv.insert(1, '--verbosity=-1')
-    std_logging.getLogger('absl').addFilter(_DropNoise())
+    drop_noise_warnings()
 
   def wrapped(args):
     try:
@@ -176,7 +181,7 @@ def run_plain(main: Callable[[list[str]], object], argv: list[str] | None = None
   --help): the same exit statuses and one-line failures as `run`."""
   quiet_third_party_logs()
   ignore_closed_event_loop_errors()
-  std_logging.getLogger('absl').addFilter(_DropNoise())
+  drop_noise_warnings()
   try:
     main(list(sys.argv[1:] if argv is None else argv))
   except KeyboardInterrupt:

@@ -186,6 +186,40 @@ def focus_on_change(query: np.ndarray, no_change: np.ndarray) -> np.ndarray:
   return q - (q @ no_change)[:, None] * no_change[None, :]
 
 
+PLACE = '{place}'
+# The nine cells of a 3 x 3 grid, in words that LEVIR-CC's and the synthetic captions use (LEVIR-CC
+# phrases places in many ways: --places gives others).
+DEFAULT_PLACES = ('in the top left corner', 'at the top', 'in the top right corner', 'on the left',
+                  'in the center', 'on the right', 'in the bottom left corner', 'at the bottom',
+                  'in the bottom right corner')
+
+
+def expand_places(query: str, places: Sequence[str] = DEFAULT_PLACES) -> list[str]:
+  """The query with {place} replaced by each place phrase; the query alone without {place}.
+  Captions name where a change happened, and a model trained on them reads a query that names
+  no place as one particular place (the demo models: the center), so that it ranks that
+  place's changes of any kind first."""
+  if PLACE not in query:
+    return [query]
+  return [' '.join(query.replace(PLACE, p).split()) for p in places]
+
+
+def best_over_variants(scores: np.ndarray, ids: np.ndarray, k: int):
+  """(P, k') scores and ids of P query variants -> the k pairs with the highest score over the
+  variants: (scores (k,), ids (k,), variant (k,)), ties to the lower id as a single search. Exact
+  whenever each variant's own top k' (k' >= k) is: a pair in the top k by its best score is in
+  the top k of the variant that gives that score."""
+  best: dict[int, tuple[float, int]] = {}
+  for v, (row_s, row_i) in enumerate(zip(scores, ids)):
+    for sc, i in zip(row_s, row_i):
+      i = int(i)
+      if i >= 0 and (i not in best or sc > best[i][0]):
+        best[i] = (float(sc), v)
+  order = sorted(best, key=lambda i: (-best[i][0], i))[:k]
+  return (np.array([best[i][0] for i in order]), np.array(order, dtype=np.int64),
+          np.array([best[i][1] for i in order], dtype=np.int64))
+
+
 def change_scores(visual: np.ndarray, no_change: np.ndarray | None) -> list[float | None]:
   """1 - cosine(pair embedding, no-change embedding), in [0, 2]: larger is further from 'no
   change', so changed tiles sort first. None for each pair when the model has no no-change
@@ -554,6 +588,13 @@ def _imagery(args) -> Imagery:
                  percentiles=_percentiles(args.percentiles))
 
 
+def _places(text: str) -> list[str]:
+  places = [' '.join(p.split()) for p in text.split(';')]
+  if not all(places):
+    raise ValueError(f'--places {text!r}: expected place phrases separated by ";", none empty')
+  return places
+
+
 def _percentiles(text: str) -> tuple[float, float]:
   try:
     lo, hi = (float(v) for v in text.split(','))
@@ -623,12 +664,13 @@ def search(args) -> dict:
   from rsicrc_jax import model_io  # pylint: disable=import-outside-toplevel
   if bool(args.query is not None) == bool(args.like):
     raise ValueError('give --query TEXT or --like TILE_ID')
-  if args.like and args.focus_change:
-    raise ValueError('--focus_change applies to --query only')
+  if args.like and (args.focus_change or args.places):
+    raise ValueError('--focus_change and --places apply to --query only')
   idx = emb_index.TileIndex(args.index)
   if not len(idx):
     raise emb_index.IndexDirError(f'{idx.path} holds no tiles yet')
   unknown: list[str] = []
+  variants = [args.query]
   if args.like:
     pos = idx.position(args.like)
     query = idx.embeddings()[pos:pos + 1]
@@ -640,7 +682,14 @@ def search(args) -> dict:
     vocab = idx.vocab
     info = idx.manifest['model']
     checkpoint = args.checkpoint or info['checkpoint']
-    tokens, unknown = query_tokens(args.query, vocab, _max_len(checkpoint))
+    if args.places and PLACE not in args.query:
+      raise ValueError(f'--places: the query has no {PLACE} to put them in')
+    variants = expand_places(args.query, _places(args.places) if args.places else DEFAULT_PLACES)
+    rows = []
+    for text in variants:
+      tokens, unk = query_tokens(text, vocab, _max_len(checkpoint))
+      rows.append(tokens)
+      unknown += [w for w in unk if w not in unknown]
     if unknown:
       print(f'note: not in the vocabulary, read as UNK: {", ".join(unknown)}', file=sys.stderr)
     predictor = Predictor.load(checkpoint, vocab=vocab)
@@ -649,26 +698,28 @@ def search(args) -> dict:
           f'{checkpoint} is not the model that built {idx.path} (weights '
           f'{predictor.fingerprint[:12]}, the index\'s {info["fingerprint"][:12]}); pass '
           '--checkpoint with that model')
-    query = predictor.text_embeddings(tokens[None])
+    query = predictor.text_embeddings(np.stack(rows))
     if args.focus_change:
       no_change = predictor.no_change_embedding()
       if no_change is None:
         raise ValueError(f'--focus_change: {_NO_SCORE}')
       query = focus_on_change(query, no_change)
     scores, ids = idx.search(query, args.k, approximate=args.approximate, nprobe=args.nprobe)
-    scores, ids = scores[0], ids[0]
+    scores, ids, matched = best_over_variants(scores, ids, args.k)
   results = []
   for rank, (s, i) in enumerate(zip(scores, ids), 1):
     if i < 0:  # FAISS: fewer than k found
       continue
     rec = idx.record(int(i))
     results.append({'rank': rank, 'score': float(s), **rec})
+    if len(variants) > 1:
+      results[-1]['matched_query'] = variants[matched[rank - 1]]
   summary = {'query': args.query, 'like': args.like, 'k': args.k,
              'approximate': bool(args.approximate), 'focus_change': bool(args.focus_change),
-             'unknown_words': unknown,
+             'unknown_words': unknown, 'query_variants': variants if len(variants) > 1 else None,
              'index': idx.path, 'index_size': len(idx), 'results': len(results)}
-  fields = ('rank', 'score', 'tile_id', 'window', 'bbox', 'crs', 'caption', 'change_score',
-            'before', 'after')
+  fields = ('rank', 'score', 'matched_query', 'tile_id', 'window', 'bbox', 'crs', 'caption',
+            'change_score', 'before', 'after')
   with model_io.atomic_output(args.out, is_dir=True, overwrite=args.overwrite) as out:
     report.write_jsonl(os.path.join(out, 'results.jsonl'),
                        ({k: r[k] for k in fields if k in r} for r in results))
@@ -681,6 +732,8 @@ def search(args) -> dict:
             'exact search' if not args.approximate else 'approximate search (FAISS IVF)']
     if args.focus_change:
       meta.append('--focus_change: the query without its no-change component')
+    if len(variants) > 1:
+      meta.append(f'{PLACE} tried as {len(variants)} places; each pair ranked by its best match')
     if unknown:
       meta.append('not in the vocabulary (read as UNK): ' + ', '.join(unknown))
     _html_report(os.path.join(out, 'results.html'), title, results, imagery,
@@ -828,6 +881,12 @@ def parser() -> argparse.ArgumentParser:
   s.add_argument('--index', required=True, help='An index directory built by `index`.')
   s.add_argument('--query', help='What changed, in words, e.g. "houses are built on the bareland".')
   s.add_argument('--like', help='A tile_id in the index: find pairs with a similar change.')
+  s.add_argument('--places', help='With {place} in --query: the place phrases to put there, '
+                 'separated by ";" (default: the nine cells of a 3 x 3 grid, "in the top left '
+                 'corner;at the top;...;in the bottom right corner"). Each pair is ranked by its '
+                 'best match over them, and results.jsonl says which matched. Captions name '
+                 'where a change is, and a query without a place is read as one particular '
+                 'place: write "the houses {place} are removed" to find removed houses anywhere.')
   s.add_argument('-k', type=int, default=20, help='How many results (default 20).')
   s.add_argument('--approximate', action='store_true', help='FAISS inverted-file search '
                  '(needs the faiss extra): for archives of millions of pairs; built once and '

@@ -199,6 +199,23 @@ def test_search_equals_brute_force_cosine(model_dir, scene, tmp_path):
   assert [json.loads(l)['tile_id'] for l in open(focus / 'results.jsonl')] == [
       idx.record(int(i))['tile_id'] for i in brute]
   assert json.load(open(focus / 'search.json'))['focus_change']
+  # {place}: each pair ranked by its best cosine over the query with each place put in.
+  places = tmp_path / 'places'
+  _run('search', '--index', idx_dir, '--query', 'houses are built {place}', '-k', '5', '--out',
+       str(places), '--places', 'in the top left corner; at the bottom')
+  variants = ['houses are built in the top left corner', 'houses are built at the bottom']
+  qv = p.text_embeddings(np.stack([predict.query_tokens(t, p.vocab, p.max_len)[0]
+                                   for t in variants]))
+  cos_v = (emb @ qv.T) / np.linalg.norm(emb, axis=1)[:, None] / np.linalg.norm(qv, axis=1)
+  brute = np.argsort(-cos_v.max(1), kind='stable')[:5]
+  got = [json.loads(l) for l in open(places / 'results.jsonl')]
+  assert [h['tile_id'] for h in got] == [idx.record(int(i))['tile_id'] for i in brute]
+  np.testing.assert_allclose([h['score'] for h in got], cos_v.max(1)[brute], rtol=1e-5)
+  assert [h['matched_query'] for h in got] == [variants[int(j)] for j in cos_v[brute].argmax(1)]
+  assert json.load(open(places / 'search.json'))['query_variants'] == variants
+  with pytest.raises(ValueError, match=r'--places: the query has no \{place\}'):
+    _run('search', '--index', idx_dir, '--query', query, '--out', str(tmp_path / 'x'),
+         '--places', 'at the top')
   # --like: the pairs nearest one tile's embedding, itself left out.
   like = tmp_path / 'like'
   first = hits[0]['tile_id']
