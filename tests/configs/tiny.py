@@ -16,4 +16,10 @@ def get_config():
   c.log_every_steps = 1
   c.checkpoint.every_steps = 5
   c.final_eval = False  # test_eval_command_on_the_trained_run runs it
+  # The values the tests' tolerances were set at, before the demo moved to temperature 0.05 and
+  # seed 0. At 0.05 / seed 0 the 1-vs-8-device gradient-accumulation check differs in the
+  # second step's grad_norm by 0.1% (57.337 vs 57.391) while the losses agree to 3e-7: not yet
+  # explained, so it is kept apart from the demo change rather than hidden by a tolerance.
+  c.loss.temperature = 0.01
+  c.seed = 42
   return c
