@@ -442,7 +442,7 @@ def _write_captions(out, args, records, maps, summary, imagery, image_size, scor
   """OUT, written whole (a temporary directory renamed into place)."""
   from rsicrc_jax import model_io  # pylint: disable=import-outside-toplevel
   job = summary.get('job')
-  if job and os.path.exists(out) and _job_of(os.path.join(out, 'summary.json')) == job:
+  if job and _read_summary(os.path.join(out, 'summary.json')).get('job') == job:
     return  # another process of this job completed the set at the same moment and wrote it
   with model_io.atomic_output(out, is_dir=True, overwrite=True) as tmp:
     report.write_jsonl(os.path.join(tmp, 'captions.jsonl'),
@@ -475,12 +475,14 @@ def _abs(path: str | None) -> str | None:
   return os.path.abspath(path) if path else None
 
 
-def _job_of(summary_path: str) -> str | None:
+def _read_summary(path: str) -> dict:
+  """A caption summary.json, or {} when it is missing or unreadable."""
   try:
-    with open(summary_path) as f:
-      return json.load(f).get('job')
-  except (OSError, ValueError, AttributeError):
-    return None
+    with open(path) as f:
+      summary = json.load(f)
+    return summary if isinstance(summary, dict) else {}
+  except (OSError, ValueError):
+    return {}
 
 
 def _save_part(parts_dir, args, job, records, maps, summary) -> None:
@@ -499,22 +501,22 @@ def _merge_parts(parts_dir, args, job, tile_order):
   """(records in tile order, attention maps, summary) when every part of `job` is saved, else
   None. A part of another job (other imagery, model or settings) is an error, not mixed in."""
   n = args.num_processes
-  parts = {}
+  parts = {}  # name -> (path, its summary), each summary read once
   for name in sorted(os.listdir(parts_dir)):
     if name.startswith('.') or '.partial-' in name:
       continue  # a part being written
     path = os.path.join(parts_dir, name)
-    if _job_of(os.path.join(path, 'summary.json')) != job:
+    part_summary = _read_summary(os.path.join(path, 'summary.json'))
+    if part_summary.get('job') != job:
       raise ValueError(f'{path} is a part of another caption run (other imagery, model, '
                        f'settings or --num_processes); remove {parts_dir} and run every '
                        'process again')
-    parts[name] = path
+    parts[name] = (path, part_summary)
   if sorted(parts) != sorted(f'p{k}-of-{n}' for k in range(n)):
     return None
-  records, maps, summaries = [], {}, []
-  for path in parts.values():
-    with open(os.path.join(path, 'summary.json')) as f:
-      summaries.append(json.load(f))
+  records, maps = [], {}
+  summaries = [part_summary for _, part_summary in parts.values()]
+  for path, _ in parts.values():
     with open(os.path.join(path, 'records.jsonl')) as f:
       recs = [json.loads(line) for line in f]
     with np.load(os.path.join(path, 'attention.npz')) as z:
