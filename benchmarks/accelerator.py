@@ -63,6 +63,14 @@ _PARITY = flags.DEFINE_bool('parity', True, 'Run the reference parity tests on t
 SECTIONS = ('matmul', 'parity', 'train_step', 'captioning', 'embedding')
 _ONLY = flags.DEFINE_list('only', list(SECTIONS), 'Sections to measure, in this order of '
                           f'priority: {",".join(SECTIONS)} (a rerun of what a first run skipped).')
+_TRAIN_ROWS = flags.DEFINE_list(
+    'train_rows', [], 'Train steps to time instead of the default plan, each DTYPE:BATCH[:REMAT] '
+    '(e.g. bfloat16:32:all); BATCH may be "largest", solved from --fit_json\'s memory fit for '
+    'this device\'s memory (a rerun of the largest batches a first run predicted but skipped).')
+_FIT_JSON = flags.DEFINE_string('fit_json', '', 'An earlier accelerator.json whose largest_batch '
+                                'rows (step memory + memory per pair) size BATCH=largest.')
+_PARITY_K = flags.DEFINE_string('parity_k', '', 'pytest -k expression selecting the parity tests '
+                                'to run (\'\': all of them).')
 
 
 class Report:
@@ -180,6 +188,8 @@ def parity(platform_name: str, dry_run: bool) -> dict:
          'tests/test_reference_parity.py']
   if dry_run:
     cmd += ['-k', 'test_eval_outputs and rn50']
+  elif _PARITY_K.value:
+    cmd += ['-k', _PARITY_K.value]
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
   if platform_name:
     env['JAX_PLATFORMS'] = platform_name
@@ -193,6 +203,58 @@ def parity(platform_name: str, dry_run: bool) -> dict:
   return {'command': ' '.join(['pytest'] + cmd[6:]), 'returncode': out.returncode,
           'summary': summary, 'seconds': round(time.perf_counter() - t, 1),
           'failures': [line for line in tail if line.startswith(('FAILED', 'ERROR'))][:20]}
+
+
+HEADROOM = 0.9  # the largest batch leaves a tenth of the device for fragmentation and cuDNN
+
+
+def largest_batch(fixed_gb: float, per_pair_gb: float, limit_gb: float, multiple: int) -> int:
+  """The largest batch, a multiple of `multiple`, whose step fits HEADROOM of the device, given
+  that the step's memory is affine in the batch: weights, optimizer state and workspace, plus
+  per-pair activations."""
+  return int((HEADROOM * limit_gb - fixed_gb) / per_pair_gb) // multiple * multiple
+
+
+def parse_train_rows(specs: list[str], fit_json: str, limit_gb: float | None,
+                     multiple: int) -> list[tuple[str, int, str]]:
+  """--train_rows DTYPE:BATCH[:REMAT] -> (dtype, batch, remat); BATCH=largest from the fit."""
+  fits = {}
+  if fit_json:
+    try:
+      with open(fit_json, encoding='utf-8') as f:
+        fits = {r['dtype']: r for r in json.load(f).get('largest_batch', [])}
+    except (OSError, ValueError) as err:
+      raise app.UsageError(f'--fit_json={fit_json}: cannot read it ({err})') from err
+  rows = []
+  for spec in specs:
+    parts = spec.split(':')
+    if len(parts) not in (2, 3) or parts[0] not in ('float32', 'bfloat16'):
+      raise app.UsageError(f'--train_rows: {spec!r} is not DTYPE:BATCH[:REMAT] with DTYPE '
+                           'float32 or bfloat16')
+    dtype, batch, remat = parts[0], parts[1], (parts[2] if len(parts) == 3 else '')
+    if remat not in ('', 'none', 'backbone', 'encoder', 'all'):
+      raise app.UsageError(f'--train_rows: {spec!r}: REMAT must be none, backbone, encoder or '
+                           'all')
+    if batch == 'largest':
+      if dtype not in fits or not limit_gb:
+        raise app.UsageError(
+            f'--train_rows: {spec!r} needs --fit_json with a {dtype} largest_batch row '
+            f'(got {sorted(fits) or "none"} from {fit_json or "no --fit_json"}) and the '
+            'device\'s memory (--memory_gb on CPU)')
+      fit = fits[dtype]
+      n = largest_batch(fit['fixed_gb'], fit['per_pair_mb'] / 1024, limit_gb, multiple)
+      if n <= 0:
+        raise app.UsageError(
+            f'--train_rows: {spec!r}: by {fit_json}\'s fit ({fit["fixed_gb"]:.2f} GiB + '
+            f'{fit["per_pair_mb"]:.1f} MiB per pair) no batch of {multiple} fits '
+            f'{HEADROOM:.0%} of {limit_gb:.2f} GiB')
+      rows.append((dtype, n, remat))
+    elif batch.isdigit() and int(batch) > 0:
+      rows.append((dtype, int(batch), remat))
+    else:
+      raise app.UsageError(f'--train_rows: {spec!r}: BATCH must be a positive integer or '
+                           '"largest"')
+  return rows
 
 
 def main(argv):
@@ -226,6 +288,11 @@ def main(argv):
   if unknown:
     raise app.UsageError(f'--only: unknown section(s) {sorted(unknown)}; expected some of '
                          f'{",".join(SECTIONS)}')
+
+  # Bad --train_rows stop the run before anything is measured.
+  limit_gb = _MEMORY_GB.value or env.get('memory_limit_gb')
+  multiple = 8 * env['device_count']
+  explicit_rows = parse_train_rows(_TRAIN_ROWS.value, _FIT_JSON.value, limit_gb, multiple)
 
   def attempt(what: str, section: str, fn):
     """Runs one measurement unless the budget is spent; a failure is recorded, not fatal."""
@@ -276,9 +343,14 @@ def main(argv):
 
   # The dry run compiles three steps, not nine (a compile takes ~25 s on a CPU): float32 at
   # both small batches for the fit, and the largest batch with bfloat16, FSDP and remat at once.
-  plan = ([('float32', large), ('float32', small)] if dry else
-          [('bfloat16', large), ('float32', large), ('bfloat16', small), ('float32', small)])
   rows = {}
+  if _TRAIN_ROWS.value:  # an explicit list replaces the plan, the fit and the remat row
+    for dtype, batch, remat in explicit_rows:
+      attempt(f'train step {dtype} batch {batch}{f" remat={remat}" if remat else ""}',
+              'train_step', lambda d=dtype, b=batch, r=remat: step(d, b, remat=r))
+  plan = [] if _TRAIN_ROWS.value else (
+      [('float32', large), ('float32', small)] if dry else
+      [('bfloat16', large), ('float32', large), ('bfloat16', small), ('float32', small)])
   for dtype, batch in plan:
     rows[dtype, batch] = attempt(f'train step {dtype} batch {batch}', 'train_step',
                                  lambda d=dtype, b=batch: step(d, b))
@@ -293,10 +365,9 @@ def main(argv):
           config.model, pairs, embed_batch, 'bfloat16'))):
     attempt(label, what, fn)
 
-  limit_gb = _MEMORY_GB.value or env.get('memory_limit_gb')
   multi = env['device_count'] > 1
-  for dtype in () if 'train_step' not in _ONLY.value else ('float32',) if dry else (
-      'bfloat16', 'float32'):
+  for dtype in () if ('train_step' not in _ONLY.value or _TRAIN_ROWS.value) else (
+      ('float32',) if dry else ('bfloat16', 'float32')):
     a, b = rows.get((dtype, small)), rows.get((dtype, large))
     if not (a and b and a['memory_gb'] and b['memory_gb'] and limit_gb):
       report.add('skipped', {'what': f'largest {dtype} batch',
@@ -306,10 +377,9 @@ def main(argv):
     # Memory is affine in the batch: weights, optimizer state, workspace + per-pair activations.
     per_pair = (b['memory_gb'] - a['memory_gb']) / (large - small)
     fixed = a['memory_gb'] - small * per_pair
-    headroom, multiple = 0.9, 8 * env['device_count']
-    best = int((headroom * limit_gb - fixed) / per_pair) // multiple * multiple
+    best = largest_batch(fixed, per_pair, limit_gb, multiple)
     report.add('largest_batch', {'dtype': dtype, 'batch': best, 'per_pair_mb': per_pair * 1024,
-                                 'fixed_gb': fixed, 'limit_gb': limit_gb, 'headroom': headroom})
+                                 'fixed_gb': fixed, 'limit_gb': limit_gb, 'headroom': HEADROOM})
     if best <= large:
       continue
     # The dry run's one large step also takes the bfloat16, FSDP and remat code paths.
@@ -317,7 +387,7 @@ def main(argv):
     attempt(f'train step {run_dtype} batch {best} (largest{", FSDP" if fsdp else ""}'
             f'{", remat" if remat else ""})', 'train_step',
             lambda d=run_dtype, n=best, f=fsdp, r=remat: step(d, n, f, r))
-  if not dry:  # what recomputing the backbone and encoder blocks saves, and what it costs
+  if not dry and not _TRAIN_ROWS.value:  # what recomputing the backbone and encoder blocks saves, and what it costs
     attempt(f'train step bfloat16 batch {large} remat=all', 'train_step',
             lambda: step('bfloat16', large, remat='all'))
   if multi and not dry:
