@@ -56,7 +56,9 @@ def matmul_peak(n: int, dtype: str = 'float32', repeats: int = 10) -> float:
   step's achieved FLOP/s is compared against, measured in the same run."""
   dt = jnp.dtype(dtype)
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dt)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dt) / np.sqrt(n)
+  # Scaled before the cast: a numpy scalar is strongly typed, so bf16 / np.sqrt(n) is float32,
+  # and the "bfloat16" chain ran float32 (TF32) matmuls at half the bf16 rate (H100, H200).
+  b = (jax.random.normal(jax.random.key(1), (n, n), jnp.float32) / np.sqrt(n)).astype(dt)
 
   @jax.jit
   def chain(x):
@@ -122,14 +124,23 @@ def compiled_step(config, batch: int):
   mesh = sharding.make_mesh(config)
   sh = sharding.state_sharding(state, mesh, config.sharding.fsdp)
   state = jax.device_put(state, sh)
-  step = jax.jit(train.make_train_step(graphdef, config, opt),
-                 in_shardings=(sh, sharding.batch_sharding(mesh)), out_shardings=(sh, None),
-                 donate_argnums=0)
+  step_fn = train.make_train_step(graphdef, config, opt)
+  step = jax.jit(step_fn, in_shardings=(sh, sharding.batch_sharding(mesh)),
+                 out_shardings=(sh, None), donate_argnums=0)
   device_batch = sharding.global_batch(random_train_batch(config, batch), mesh)
   t = time.perf_counter()
-  lowered = step.lower(state, device_batch)
-  compiled = lowered.compile()
-  return compiled, state, device_batch, time.perf_counter() - t, _flops(lowered)
+  compiled = step.lower(state, device_batch).compile()
+  compile_s = time.perf_counter() - t
+  return compiled, state, device_batch, compile_s, model_flops(step_fn, state, device_batch)
+
+
+def model_flops(fn, *args) -> float:
+  """XLA's FLOP count of fn(*args) before optimisation, lowered for the CPU: the same count on
+  every platform. (XLA:GPU counts nothing before optimisation, and after it leaves out the
+  convolutions handed to cuDNN: 160 GFLOP for the levir step at batch 4 on an H100, against 586.)
+  """
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+  return _flops(jax.jit(fn).trace(*abstract).lower(lowering_platforms=('cpu',)))
 
 
 def _flops(stage) -> float:
@@ -140,9 +151,6 @@ def _flops(stage) -> float:
 
 def train_step(config, batch: int, steps: int = 10) -> dict[str, Any]:
   """Seconds per step, pairs/s, XLA's FLOP count and memory for one train step of `config`."""
-  # The model's FLOPs are counted on the program before XLA optimises it: the same count on
-  # every platform. After optimisation XLA:GPU's count leaves out the convolutions it hands to
-  # cuDNN (160 GFLOP for the levir step at batch 4 on an H100, against 586 on a CPU).
   compiled, state, device_batch, compile_s, flops = compiled_step(config, batch)
   state, aux = compiled(state, device_batch)  # first run: allocation, autotuning leftovers
   _sync(aux)
