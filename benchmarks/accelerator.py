@@ -205,58 +205,6 @@ def parity(platform_name: str, dry_run: bool) -> dict:
           'failures': [line for line in tail if line.startswith(('FAILED', 'ERROR'))][:20]}
 
 
-HEADROOM = 0.9  # the largest batch leaves a tenth of the device for fragmentation and cuDNN
-
-
-def largest_batch(fixed_gb: float, per_pair_gb: float, limit_gb: float, multiple: int) -> int:
-  """The largest batch, a multiple of `multiple`, whose step fits HEADROOM of the device, given
-  that the step's memory is affine in the batch: weights, optimizer state and workspace, plus
-  per-pair activations."""
-  return int((HEADROOM * limit_gb - fixed_gb) / per_pair_gb) // multiple * multiple
-
-
-def parse_train_rows(specs: list[str], fit_json: str, limit_gb: float | None,
-                     multiple: int) -> list[tuple[str, int, str]]:
-  """--train_rows DTYPE:BATCH[:REMAT] -> (dtype, batch, remat); BATCH=largest from the fit."""
-  fits = {}
-  if fit_json:
-    try:
-      with open(fit_json, encoding='utf-8') as f:
-        fits = {r['dtype']: r for r in json.load(f).get('largest_batch', [])}
-    except (OSError, ValueError) as err:
-      raise app.UsageError(f'--fit_json={fit_json}: cannot read it ({err})') from err
-  rows = []
-  for spec in specs:
-    parts = spec.split(':')
-    if len(parts) not in (2, 3) or parts[0] not in ('float32', 'bfloat16'):
-      raise app.UsageError(f'--train_rows: {spec!r} is not DTYPE:BATCH[:REMAT] with DTYPE '
-                           'float32 or bfloat16')
-    dtype, batch, remat = parts[0], parts[1], (parts[2] if len(parts) == 3 else '')
-    if remat not in ('', 'none', 'backbone', 'encoder', 'all'):
-      raise app.UsageError(f'--train_rows: {spec!r}: REMAT must be none, backbone, encoder or '
-                           'all')
-    if batch == 'largest':
-      if dtype not in fits or not limit_gb:
-        raise app.UsageError(
-            f'--train_rows: {spec!r} needs --fit_json with a {dtype} largest_batch row '
-            f'(got {sorted(fits) or "none"} from {fit_json or "no --fit_json"}) and the '
-            'device\'s memory (--memory_gb on CPU)')
-      fit = fits[dtype]
-      n = largest_batch(fit['fixed_gb'], fit['per_pair_mb'] / 1024, limit_gb, multiple)
-      if n <= 0:
-        raise app.UsageError(
-            f'--train_rows: {spec!r}: by {fit_json}\'s fit ({fit["fixed_gb"]:.2f} GiB + '
-            f'{fit["per_pair_mb"]:.1f} MiB per pair) no batch of {multiple} fits '
-            f'{HEADROOM:.0%} of {limit_gb:.2f} GiB')
-      rows.append((dtype, n, remat))
-    elif batch.isdigit() and int(batch) > 0:
-      rows.append((dtype, int(batch), remat))
-    else:
-      raise app.UsageError(f'--train_rows: {spec!r}: BATCH must be a positive integer or '
-                           '"largest"')
-  return rows
-
-
 def main(argv):
   del argv
   if _PLATFORM.value:
@@ -292,7 +240,11 @@ def main(argv):
   # Bad --train_rows stop the run before anything is measured.
   limit_gb = _MEMORY_GB.value or env.get('memory_limit_gb')
   multiple = 8 * env['device_count']
-  explicit_rows = parse_train_rows(_TRAIN_ROWS.value, _FIT_JSON.value, limit_gb, multiple)
+  try:
+    explicit_rows = measure.parse_train_rows(_TRAIN_ROWS.value, _FIT_JSON.value, limit_gb,
+                                             multiple)
+  except ValueError as err:
+    raise app.UsageError(str(err)) from err
 
   def attempt(what: str, section: str, fn):
     """Runs one measurement unless the budget is spent; a failure is recorded, not fatal."""
@@ -336,9 +288,10 @@ def main(argv):
     row['dtype'], row['remat'] = dtype, remat or 'off'
     nominal = measure.nominal_peak_tflops(env['device_kind'], dtype)
     n_dev = env['device_count']
-    row['mfu'] = row['tflops_achieved'] / (nominal * n_dev) if nominal else None
+    achieved = row['tflops_achieved']
+    row['mfu'] = achieved / (nominal * n_dev) if nominal and achieved else None
     peak = matmul.get(dtype) or matmul.get('float32')
-    row['of_matmul'] = row['tflops_achieved'] / (peak * n_dev) if peak else None
+    row['of_matmul'] = achieved / (peak * n_dev) if peak and achieved else None
     return row
 
   # The dry run compiles three steps, not nine (a compile takes ~25 s on a CPU): float32 at
@@ -377,9 +330,10 @@ def main(argv):
     # Memory is affine in the batch: weights, optimizer state, workspace + per-pair activations.
     per_pair = (b['memory_gb'] - a['memory_gb']) / (large - small)
     fixed = a['memory_gb'] - small * per_pair
-    best = largest_batch(fixed, per_pair, limit_gb, multiple)
+    best = measure.largest_batch(fixed, per_pair, limit_gb, multiple)
     report.add('largest_batch', {'dtype': dtype, 'batch': best, 'per_pair_mb': per_pair * 1024,
-                                 'fixed_gb': fixed, 'limit_gb': limit_gb, 'headroom': HEADROOM})
+                                 'fixed_gb': fixed, 'limit_gb': limit_gb,
+                                 'headroom': measure.HEADROOM})
     if best <= large:
       continue
     # The dry run's one large step also takes the bfloat16, FSDP and remat code paths.

@@ -10,6 +10,7 @@ caption runs to max_len, the worst case).
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -84,6 +85,58 @@ def matmul_peak(n: int, dtype: str = 'float32', repeats: int = 10) -> float:
   return 2 * n**3 * repeats / best / 1e12
 
 
+HEADROOM = 0.9  # the largest batch leaves a tenth of the device for fragmentation and cuDNN
+
+
+def largest_batch(fixed_gb: float, per_pair_gb: float, limit_gb: float, multiple: int) -> int:
+  """The largest batch, a multiple of `multiple`, whose step fits HEADROOM of the device, given
+  that the step's memory is affine in the batch: weights, optimizer state and workspace, plus
+  per-pair activations."""
+  return int((HEADROOM * limit_gb - fixed_gb) / per_pair_gb) // multiple * multiple
+
+
+def parse_train_rows(specs: list[str], fit_json: str, limit_gb: float | None,
+                     multiple: int) -> list[tuple[str, int, str]]:
+  """--train_rows DTYPE:BATCH[:REMAT] -> (dtype, batch, remat); BATCH=largest from the fit."""
+  fits = {}
+  if fit_json:
+    try:
+      with open(fit_json, encoding='utf-8') as f:
+        fits = {r['dtype']: r for r in json.load(f).get('largest_batch', [])}
+    except (OSError, ValueError) as err:
+      raise ValueError(f'--fit_json={fit_json}: cannot read it ({err})') from err
+  rows = []
+  for spec in specs:
+    parts = spec.split(':')
+    if len(parts) not in (2, 3) or parts[0] not in ('float32', 'bfloat16'):
+      raise ValueError(f'--train_rows: {spec!r} is not DTYPE:BATCH[:REMAT] with DTYPE '
+                           'float32 or bfloat16')
+    dtype, batch, remat = parts[0], parts[1], (parts[2] if len(parts) == 3 else '')
+    if remat not in ('', 'none', 'backbone', 'encoder', 'all'):
+      raise ValueError(f'--train_rows: {spec!r}: REMAT must be none, backbone, encoder or '
+                           'all')
+    if batch == 'largest':
+      if dtype not in fits or not limit_gb:
+        raise ValueError(
+            f'--train_rows: {spec!r} needs --fit_json with a {dtype} largest_batch row '
+            f'(got {sorted(fits) or "none"} from {fit_json or "no --fit_json"}) and the '
+            'device\'s memory (--memory_gb on CPU)')
+      fit = fits[dtype]
+      n = largest_batch(fit['fixed_gb'], fit['per_pair_mb'] / 1024, limit_gb, multiple)
+      if n <= 0:
+        raise ValueError(
+            f'--train_rows: {spec!r}: by {fit_json}\'s fit ({fit["fixed_gb"]:.2f} GiB + '
+            f'{fit["per_pair_mb"]:.1f} MiB per pair) no batch of {multiple} fits '
+            f'{HEADROOM:.0%} of {limit_gb:.2f} GiB')
+      rows.append((dtype, n, remat))
+    elif batch.isdigit() and int(batch) > 0:
+      rows.append((dtype, int(batch), remat))
+    else:
+      raise ValueError(f'--train_rows: {spec!r}: BATCH must be a positive integer or '
+                           '"largest"')
+  return rows
+
+
 def random_train_batch(config, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
   """A host batch of the pipeline's training shapes: uint8 pictures, [START] w.. [END] PAD..
   captions of 8 words, half the pairs unchanged (flag -1)."""
@@ -139,14 +192,34 @@ def model_flops(fn, *args) -> float:
   every platform. (XLA:GPU counts nothing before optimisation, and after it leaves out the
   convolutions handed to cuDNN: 160 GFLOP for the levir step at batch 4 on an H100, against 586.)
   """
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
-  return _flops(jax.jit(fn).trace(*abstract).lower(lowering_platforms=('cpu',)))
+  # Placed on a CPU device, so the lowering's backend is the CPU's: a GPU plugin (PJRT C API)
+  # answers a cost analysis with nothing, even for a lowering made for the CPU platform.
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), args)
+  return _flops(jax.jit(fn).trace(*abstract).lower())
 
 
-def _flops(stage) -> float:
-  cost = stage.cost_analysis()
+def step_flops(config, batch: int) -> float:
+  """model_flops of the train step of `config` at `batch` pairs, without compiling it."""
+  config = config.copy_and_resolve_references()
+  config.batch_size = batch
+  if not config.model.vocab_size:
+    config.model.vocab_size = SYNTHETIC_VOCAB
+  opt = optim.make_optimizer(config, total_steps=1000)
+  graphdef, state = jax.eval_shape(lambda: train_state.init_state(config, opt))
+  return model_flops(train.make_train_step(graphdef, config, opt), state,
+                     random_train_batch(config, batch))
+
+
+def _flops(stage) -> float | None:
+  """XLA's FLOP count of a lowered or compiled stage; None where the backend counts none."""
+  try:
+    cost = stage.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  # e.g. NotImplementedError on a PJRT plugin
+    return None
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get('flops', 0.0)) if cost else 0.0
+  flops = float(cost.get('flops', 0.0)) if cost else 0.0
+  return flops or None
 
 
 def train_step(config, batch: int, steps: int = 10) -> dict[str, Any]:
@@ -166,10 +239,14 @@ def train_step(config, batch: int, steps: int = 10) -> dict[str, Any]:
   return {'batch': batch, 'dtype': config.model.dtype or 'float32',
           'fsdp': bool(config.sharding.fsdp), 'devices': len(jax.devices()),
           'params_m': n_params / 1e6, 'compile_s': compile_s, 'step_ms': dt * 1e3,
-          'pairs_per_s': batch / dt, 'gflop_per_step': flops / 1e9,
-          'gflop_compiled': _flops(compiled) / 1e9,
-          'tflops_achieved': flops / dt / 1e12, 'memory_gb': _gb(_memory_bytes(compiled)),
+          'pairs_per_s': batch / dt, 'gflop_per_step': _div(flops, 1e9),
+          'gflop_compiled': _div(_flops(compiled), 1e9),
+          'tflops_achieved': _div(flops, dt * 1e12), 'memory_gb': _gb(_memory_bytes(compiled)),
           'loss': loss}
+
+
+def _div(x, y):
+  return None if x is None else x / y
 
 
 def _gb(n):

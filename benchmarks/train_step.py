@@ -3,6 +3,7 @@ FLOP/s next to a matmul peak measured in the same run.
 
   python benchmarks/train_step.py --config configs/demo.py [--batch 32] [--steps 10]
   python benchmarks/train_step.py --config configs/levir.py --batch 4 --steps 3
+  python benchmarks/train_step.py --config configs/levir.py --batch 1416 --count_only
 
 Random weights and random inputs of the config's shapes (no dataset needed); the step is the one
 launch.py runs (jit over the device mesh, AdamW, BN updates, dropout), measured by
@@ -26,12 +27,21 @@ _BATCH = flags.DEFINE_integer('batch', 0, 'Global batch (default: the config\'s)
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after one compile step).')
 _MATMUL = flags.DEFINE_integer('matmul_n', 2048, 'Size of the n x n x n matmul whose speed is the '
                                'practical peak (0: skip).')
+_COUNT_ONLY = flags.DEFINE_bool('count_only', False, 'Only print XLA\'s FLOP count of the step '
+                                '(traced, not compiled or run: seconds on a CPU, for any batch), '
+                                'to turn a step time measured elsewhere into MFU.')
 
 
 def main(argv):
   del argv
   c = _CONFIG.value
   dtype = c.model.dtype or 'float32'
+  if _COUNT_ONLY.value:
+    batch = _BATCH.value or c.batch_size
+    flops = measure.step_flops(c, batch)
+    print(f'{flops / 1e9:.1f} GFLOP per step (XLA, before optimisation): batch {batch}, dtype '
+          f'{dtype}, remat {c.model.remat or "off"}, {c.model.image_size} px')
+    return
   r = measure.train_step(c, _BATCH.value or c.batch_size, steps=_STEPS.value)
   dev = jax.devices()[0]
   print(f'{dev.device_kind} x{r["devices"]}: {r["params_m"]:.1f}M params, batch {r["batch"]} at '

@@ -11,6 +11,15 @@ _OWN_CACHE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
 if _OWN_CACHE:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='rsicrc_jax_xla_cache_')
 
+# On a GPU, XLA autotunes its convolution and matmul kernels. With autotuning on, an H100 and an
+# H200 put 15 of the RN50 fixture's 170 reference gradients (layer2's and layer3's first
+# bottlenecks) over the 1e-4 bound, up to 128x; with it off (XLA's default kernels) that test
+# passes (README, the accelerator). Parity checks the port's math, not the autotuner's choice of
+# kernel, so tests run with it off unless XLA_FLAGS says otherwise. CPUs ignore the flag.
+if '--xla_gpu_autotune_level' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = ' '.join(
+      filter(None, (os.environ.get('XLA_FLAGS'), '--xla_gpu_autotune_level=0')))
+
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp
 import numpy as np

@@ -58,3 +58,27 @@ def test_accelerator_check_dry_run_without_the_data_stack(tmp_path):
   assert all(r['pairs_per_s'] > 0 for r in d['embedding'])
   md = (out_dir / 'accelerator.md').read_text()
   assert '| float32 | 4 | off | off |' in md and 'Largest float32 batch' in md
+
+
+def test_train_rows_size_the_largest_batch_from_an_earlier_fit():
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  import measure  # pylint: disable=import-outside-toplevel  # benchmarks/measure.py
+  fit = os.path.join(REPO, 'benchmarks', 'results', 'h100-2026-11-27-run1.json')
+  # The H100's fit (bf16 4.24 GiB + 80.3 MiB per pair, float32 3.67 GiB + 150.7 MiB) for 90% of
+  # an H200's 128.6 GiB: 1,416 and 760 pairs, the batches that ran there (checked by hand).
+  rows = measure.parse_train_rows(
+      ['bfloat16:largest', 'float32:largest:all', 'bfloat16:32'], fit, 128.6171875, 8)
+  assert rows == [('bfloat16', 1416, ''), ('float32', 760, 'all'), ('bfloat16', 32, '')]
+  # On the H100 it was fitted on, the same rule gives the batches it predicted.
+  assert [b for _, b, _ in measure.parse_train_rows(
+      ['bfloat16:largest', 'float32:largest'], fit, 72.845703125, 8)] == [776, 416]
+  for spec, fit_json, limit, message in (
+      ('float16:32', '', 80.0, 'not DTYPE:BATCH'),
+      ('bfloat16:-4', '', 80.0, 'positive integer'),
+      ('bfloat16:32:some', '', 80.0, 'REMAT must be'),
+      ('bfloat16:largest', '', 80.0, 'needs --fit_json'),
+      ('bfloat16:largest', fit, None, 'needs --fit_json'),
+      ('bfloat16:largest', fit, 4.0, 'no batch of 8 fits'),
+      ('bfloat16:largest', '/nonexistent.json', 80.0, 'cannot read it')):
+    with pytest.raises(ValueError, match=message):
+      measure.parse_train_rows([spec], fit_json, limit, 8)
