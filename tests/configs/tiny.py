@@ -21,10 +21,10 @@ def get_config():
   # (tests/workers/sharded_step.py): the second step's grad_norm differs by 1.5e-5 at 0.05 /
   # seed 0 and 5.3e-6 at 0.01 / seed 0, against 3.8e-7 at 0.05 / seed 42 and a bound of 2e-6;
   # without accumulation every pair agrees to 5e-7. The params entering that step are equal (the
-  # warmup starts at learning rate 0);
-  # the gradient difference sits in the backbone's first trained block (layer2.0: 0.9% of its
-  # conv2 kernel, 1e-5 in layer3/4), and no BatchNorm channel there has a small variance. The
-  # cause is not established (a ReLU input within rounding of 0 would do it).
+  # warmup starts at learning rate 0); the gradient difference sits in the backbone's first
+  # trained block (layer2.0: 0.9% of its conv2 kernel, 1e-5 in layer3/4), and no BatchNorm
+  # channel there has a small variance. The cause is not established (a ReLU input within
+  # rounding of 0 would do it).
   c.loss.temperature = 0.01
   c.seed = 42
   return c
