@@ -110,11 +110,10 @@ def parse_train_rows(specs: list[str], fit_json: str, limit_gb: float | None,
     parts = spec.split(':')
     if len(parts) not in (2, 3) or parts[0] not in ('float32', 'bfloat16'):
       raise ValueError(f'--train_rows: {spec!r} is not DTYPE:BATCH[:REMAT] with DTYPE '
-                           'float32 or bfloat16')
+                       'float32 or bfloat16')
     dtype, batch, remat = parts[0], parts[1], (parts[2] if len(parts) == 3 else '')
     if remat not in ('', 'none', 'backbone', 'encoder', 'all'):
-      raise ValueError(f'--train_rows: {spec!r}: REMAT must be none, backbone, encoder or '
-                           'all')
+      raise ValueError(f'--train_rows: {spec!r}: REMAT must be none, backbone, encoder or all')
     if batch == 'largest':
       if dtype not in fits or not limit_gb:
         raise ValueError(
@@ -132,8 +131,7 @@ def parse_train_rows(specs: list[str], fit_json: str, limit_gb: float | None,
     elif batch.isdigit() and int(batch) > 0:
       rows.append((dtype, int(batch), remat))
     else:
-      raise ValueError(f'--train_rows: {spec!r}: BATCH must be a positive integer or '
-                           '"largest"')
+      raise ValueError(f'--train_rows: {spec!r}: BATCH must be a positive integer or "largest"')
   return rows
 
 
@@ -165,14 +163,20 @@ def _memory_bytes(compiled) -> int | None:
              + m.temp_size_in_bytes)
 
 
-def compiled_step(config, batch: int):
-  """(compiled train step, device state, device batch, compile seconds) for `config` at `batch`
-  pairs: the step launch.py runs (jit over the mesh, AdamW, BN updates, dropout)."""
+def _step_config(config, batch: int):
+  """(config at `batch` pairs with a vocabulary, its optimizer) for a benchmark step."""
   config = config.copy_and_resolve_references()
   config.batch_size = batch
   if not config.model.vocab_size:
     config.model.vocab_size = SYNTHETIC_VOCAB
-  opt = optim.make_optimizer(config, total_steps=1000)
+  return config, optim.make_optimizer(config, total_steps=1000)
+
+
+def compiled_step(config, batch: int):
+  """(compiled train step, device state, device batch, compile seconds, model FLOPs) for
+  `config` at `batch` pairs: the step launch.py runs (jit over the mesh, AdamW, BN updates,
+  dropout)."""
+  config, opt = _step_config(config, batch)
   graphdef, state = train_state.init_state(config, opt)
   mesh = sharding.make_mesh(config)
   sh = sharding.state_sharding(state, mesh, config.sharding.fsdp)
@@ -187,7 +191,7 @@ def compiled_step(config, batch: int):
   return compiled, state, device_batch, compile_s, model_flops(step_fn, state, device_batch)
 
 
-def model_flops(fn, *args) -> float:
+def model_flops(fn, *args) -> float | None:
   """XLA's FLOP count of fn(*args) before optimisation, lowered for the CPU: the same count on
   every platform. (XLA:GPU counts nothing before optimisation, and after it leaves out the
   convolutions handed to cuDNN: 160 GFLOP for the levir step at batch 4 on an H100, against 586.)
@@ -199,13 +203,9 @@ def model_flops(fn, *args) -> float:
   return _flops(jax.jit(fn).trace(*abstract).lower())
 
 
-def step_flops(config, batch: int) -> float:
+def step_flops(config, batch: int) -> float | None:
   """model_flops of the train step of `config` at `batch` pairs, without compiling it."""
-  config = config.copy_and_resolve_references()
-  config.batch_size = batch
-  if not config.model.vocab_size:
-    config.model.vocab_size = SYNTHETIC_VOCAB
-  opt = optim.make_optimizer(config, total_steps=1000)
+  config, opt = _step_config(config, batch)
   graphdef, state = jax.eval_shape(lambda: train_state.init_state(config, opt))
   return model_flops(train.make_train_step(graphdef, config, opt), state,
                      random_train_batch(config, batch))

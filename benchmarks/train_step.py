@@ -39,6 +39,8 @@ def main(argv):
   if _COUNT_ONLY.value:
     batch = _BATCH.value or c.batch_size
     flops = measure.step_flops(c, batch)
+    if flops is None:
+      raise SystemExit('XLA counted no FLOPs for this step on the CPU backend')
     print(f'{flops / 1e9:.1f} GFLOP per step (XLA, before optimisation): batch {batch}, dtype '
           f'{dtype}, remat {c.model.remat or "off"}, {c.model.image_size} px')
     return
@@ -46,10 +48,14 @@ def main(argv):
   dev = jax.devices()[0]
   print(f'{dev.device_kind} x{r["devices"]}: {r["params_m"]:.1f}M params, batch {r["batch"]} at '
         f'{c.model.image_size} px, dtype {dtype}')
+  achieved = r['tflops_achieved']  # None where XLA counted no FLOPs
   print(f'compile {r["compile_s"]:.1f} s; step {r["step_ms"]:.1f} ms; {r["pairs_per_s"]:.1f} '
-        f'pairs/s; {r["gflop_per_step"]:.1f} GFLOP per step (XLA); '
-        f'{r["tflops_achieved"] * 1e3:.1f} GFLOP/s achieved; step memory '
+        f'pairs/s; {r["gflop_per_step"] or 0:.1f} GFLOP per step (XLA); '
+        f'{(achieved or 0) * 1e3:.1f} GFLOP/s achieved; step memory '
         f'{r["memory_gb"] or 0:.2f} GiB (XLA)')
+  if achieved is None:
+    print('XLA counted no FLOPs: no MFU (count them with --count_only on a CPU)')
+    return
   nominal = measure.nominal_peak_tflops(dev.device_kind, dtype)
   if nominal:
     print(f'MFU {r["tflops_achieved"] / (nominal * r["devices"]):.1%} of the data sheet\'s '
