@@ -297,16 +297,14 @@ def main(argv):
   # The dry run compiles three steps, not nine (a compile takes ~25 s on a CPU): float32 at
   # both small batches for the fit, and the largest batch with bfloat16, FSDP and remat at once.
   rows = {}
-  if _TRAIN_ROWS.value:  # an explicit list replaces the plan, the fit and the remat row
-    for dtype, batch, remat in explicit_rows:
-      attempt(f'train step {dtype} batch {batch}{f" remat={remat}" if remat else ""}',
-              'train_step', lambda d=dtype, b=batch, r=remat: step(d, b, remat=r))
-  plan = [] if _TRAIN_ROWS.value else (
+  # An explicit --train_rows list replaces the plan, the fit and the remat row.
+  plan = explicit_rows or [(d, b, '') for d, b in (
       [('float32', large), ('float32', small)] if dry else
-      [('bfloat16', large), ('float32', large), ('bfloat16', small), ('float32', small)])
-  for dtype, batch in plan:
-    rows[dtype, batch] = attempt(f'train step {dtype} batch {batch}', 'train_step',
-                                 lambda d=dtype, b=batch: step(d, b))
+      [('bfloat16', large), ('float32', large), ('bfloat16', small), ('float32', small)])]
+  for dtype, batch, remat in plan:
+    rows[dtype, batch] = attempt(
+        f'train step {dtype} batch {batch}{f" remat={remat}" if remat else ""}', 'train_step',
+        lambda d=dtype, b=batch, r=remat: step(d, b, remat=r))
   for label, what, fn in (
       ('captioning float32', 'captioning', lambda: measure.captioning(
           config.model, pairs, decode_batch)),
@@ -319,8 +317,8 @@ def main(argv):
     attempt(label, what, fn)
 
   multi = env['device_count'] > 1
-  for dtype in () if ('train_step' not in _ONLY.value or _TRAIN_ROWS.value) else (
-      ('float32',) if dry else ('bfloat16', 'float32')):
+  planned = 'train_step' in _ONLY.value and not explicit_rows
+  for dtype in () if not planned else ('float32',) if dry else ('bfloat16', 'float32'):
     a, b = rows.get((dtype, small)), rows.get((dtype, large))
     if not (a and b and a['memory_gb'] and b['memory_gb'] and limit_gb):
       report.add('skipped', {'what': f'largest {dtype} batch',
@@ -341,7 +339,7 @@ def main(argv):
     attempt(f'train step {run_dtype} batch {best} (largest{", FSDP" if fsdp else ""}'
             f'{", remat" if remat else ""})', 'train_step',
             lambda d=run_dtype, n=best, f=fsdp, r=remat: step(d, n, f, r))
-  if not dry and not _TRAIN_ROWS.value:  # what recomputing the backbone and encoder blocks saves, and what it costs
+  if planned and not dry:  # what recomputing the backbone and encoder blocks saves and costs
     attempt(f'train step bfloat16 batch {large} remat=all', 'train_step',
             lambda: step('bfloat16', large, remat='all'))
   if multi and not dry:

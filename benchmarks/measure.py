@@ -27,6 +27,7 @@ from rsicrc_jax import train
 from rsicrc_jax import train_state
 from rsicrc_jax.data import captions as cap
 from rsicrc_jax.data import pipeline
+from rsicrc_jax.models.encoder import REMAT_POLICIES
 from rsicrc_jax.models.rsicrc import RSICRC
 
 SYNTHETIC_VOCAB = 78  # the synthetic dataset's vocabulary: for configs that take it from the data
@@ -112,8 +113,9 @@ def parse_train_rows(specs: list[str], fit_json: str, limit_gb: float | None,
       raise ValueError(f'--train_rows: {spec!r} is not DTYPE:BATCH[:REMAT] with DTYPE '
                        'float32 or bfloat16')
     dtype, batch, remat = parts[0], parts[1], (parts[2] if len(parts) == 3 else '')
-    if remat not in ('', 'none', 'backbone', 'encoder', 'all'):
-      raise ValueError(f'--train_rows: {spec!r}: REMAT must be none, backbone, encoder or all')
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f'--train_rows: {spec!r}: REMAT must be one of '
+                       f'{", ".join(p for p in REMAT_POLICIES if p)}')
     if batch == 'largest':
       if dtype not in fits or not limit_gb:
         raise ValueError(

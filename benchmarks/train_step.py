@@ -58,12 +58,12 @@ def main(argv):
     return
   nominal = measure.nominal_peak_tflops(dev.device_kind, dtype)
   if nominal:
-    print(f'MFU {r["tflops_achieved"] / (nominal * r["devices"]):.1%} of the data sheet\'s '
+    print(f'MFU {achieved / (nominal * r["devices"]):.1%} of the data sheet\'s '
           f'{nominal:.0f} TFLOP/s per device')
   if _MATMUL.value:
     peak = measure.matmul_peak(_MATMUL.value, dtype)
     print(f'{dtype} matmul {_MATMUL.value}^3 in the same run: {peak * 1e3:.1f} GFLOP/s per device '
-          f'-> the step reaches {r["tflops_achieved"] / (peak * r["devices"]):.0%} of it')
+          f'-> the step reaches {achieved / (peak * r["devices"]):.0%} of it')
 
 
 if __name__ == '__main__':
