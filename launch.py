@@ -11,7 +11,6 @@ itself.
 """
 
 import os
-import platform
 import sys
 
 from absl import app
@@ -28,31 +27,6 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of pr
                                    'multi-process runs.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process in a multi-process run.')
-
-
-def use_transparent_huge_pages() -> None:
-  """Re-executes this process once with glibc's malloc asking for transparent huge pages.
-
-  XLA:CPU allocates each step's temporaries afresh. With 4 KiB pages every step then costs ~59K
-  minor page faults: a 23-minute demo run spent 500 s in the kernel on 195M of them. With
-  `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35, read only at process start) a step
-  costs ~600. The results are the same; to opt out, set GLIBC_TUNABLES=glibc.malloc.hugetlb=0.
-  """
-  tunables = os.environ.get('GLIBC_TUNABLES', '')
-  if sys.platform != 'linux' or 'glibc.malloc.hugetlb' in tunables:
-    return
-  lib, version = platform.libc_ver()
-  try:
-    with open('/sys/kernel/mm/transparent_hugepage/enabled', encoding='ascii') as f:
-      thp = f.read()
-    new_enough = lib == 'glibc' and tuple(map(int, version.split('.')[:2])) >= (2, 35)
-  except (OSError, ValueError):
-    return
-  if not new_enough or '[never]' in thp:
-    return
-  env = dict(os.environ, GLIBC_TUNABLES=':'.join(filter(None, [tunables,
-                                                                'glibc.malloc.hugetlb=1'])))
-  os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def main(argv):
@@ -90,5 +64,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  use_transparent_huge_pages()
+  cli.use_transparent_huge_pages()
   cli.run(main)

@@ -38,6 +38,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from rsicrc_jax import cli  # absl only: no jax before --platform is read
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -356,4 +358,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  cli.use_transparent_huge_pages()  # as launch.py: what users run
   app.run(main)

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import config_flags
 
+from rsicrc_jax import cli
 from rsicrc_jax import decoding
 from rsicrc_jax import model_io
 from rsicrc_jax.models.rsicrc import RSICRC
@@ -93,4 +94,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  cli.use_transparent_huge_pages()  # as launch.py: what users run
   app.run(main)

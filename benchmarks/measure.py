@@ -11,6 +11,7 @@ caption runs to max_len, the worst case).
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -229,11 +230,13 @@ def train_step(config, batch: int, steps: int = 10) -> dict[str, Any]:
   compiled, state, device_batch, compile_s, flops = compiled_step(config, batch)
   state, aux = compiled(state, device_batch)  # first run: allocation, autotuning leftovers
   _sync(aux)
+  kernel = _kernel_counters()
   t = time.perf_counter()
   for _ in range(steps):
     state, aux = compiled(state, device_batch)
   _sync(aux)
   dt = (time.perf_counter() - t) / steps
+  kernel = {k: (v - kernel[k]) / steps for k, v in _kernel_counters().items()}
   loss = float(aux['loss'])
   if not np.isfinite(loss):
     raise FloatingPointError(f'non-finite loss {loss} at batch {batch}')
@@ -244,7 +247,20 @@ def train_step(config, batch: int, steps: int = 10) -> dict[str, Any]:
           'pairs_per_s': batch / dt, 'gflop_per_step': _div(flops, 1e9),
           'gflop_compiled': _div(_flops(compiled), 1e9),
           'tflops_achieved': _div(flops, dt * 1e12), 'memory_gb': _gb(_memory_bytes(compiled)),
-          'loss': loss}
+          'loss': loss, 'sys_s_per_step': kernel.get('sys_s'),
+          'minor_faults_per_step': kernel.get('minor_faults'),
+          'huge_pages': 'glibc.malloc.hugetlb=1' in os.environ.get('GLIBC_TUNABLES', '')}
+
+
+def _kernel_counters() -> dict[str, float]:
+  """This process's system CPU seconds and minor page faults so far (none off Unix): XLA:CPU
+  touches each step's temporaries afresh, so without huge pages a step pays in page faults."""
+  try:
+    import resource  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return {}
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return {'sys_s': r.ru_stime, 'minor_faults': r.ru_minflt}
 
 
 def _div(x, y):

@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 
+from rsicrc_jax import cli
+
 # One query per change type of the synthetic scenes, in the captions' own words.
 QUERIES = {
     'houses_built': 'houses are built on the bareland',
@@ -161,4 +163,5 @@ def main():
 
 
 if __name__ == '__main__':
+  cli.use_transparent_huge_pages()  # as launch.py: what users run
   main()

@@ -22,6 +22,8 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import measure  # noqa: E402  (benchmarks/measure.py)
 
+from rsicrc_jax import cli  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Training config.')
 _BATCH = flags.DEFINE_integer('batch', 0, 'Global batch (default: the config\'s).')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after one compile step).')
@@ -53,6 +55,10 @@ def main(argv):
         f'pairs/s; {r["gflop_per_step"] or 0:.1f} GFLOP per step (XLA); '
         f'{(achieved or 0) * 1e3:.1f} GFLOP/s achieved; step memory '
         f'{r["memory_gb"] or 0:.2f} GiB (XLA)')
+  if r['sys_s_per_step'] is not None:
+    print(f'per step: {r["sys_s_per_step"]:.2f} s of system time, '
+          f'{r["minor_faults_per_step"]:,.0f} minor page faults (malloc huge pages '
+          f'{"on" if r["huge_pages"] else "off"})')
   if achieved is None:
     print('XLA counted no FLOPs: no MFU (count them with --count_only on a CPU)')
     return
@@ -67,4 +73,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  cli.use_transparent_huge_pages()  # as launch.py: what users run
   app.run(main)

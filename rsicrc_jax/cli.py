@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import platform
 import sys
 from typing import Callable, Sequence
 
@@ -44,6 +45,47 @@ def quiet_third_party_logs() -> None:
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   os.environ.setdefault('OPENCV_LOG_LEVEL', 'ERROR')
   os.environ.setdefault('GRPC_VERBOSITY', 'ERROR')
+
+
+def huge_pages_environment(environ: dict[str, str]) -> dict[str, str] | None:
+  """The environment to re-execute with so that glibc's malloc asks for transparent huge pages,
+  or None where that is already set, opted out of, or unavailable (not Linux, glibc older than
+  2.35, THP disabled)."""
+  tunables = environ.get('GLIBC_TUNABLES', '')
+  if sys.platform != 'linux' or 'glibc.malloc.hugetlb' in tunables:
+    return None
+  lib, version = platform.libc_ver()
+  try:
+    with open('/sys/kernel/mm/transparent_hugepage/enabled', encoding='ascii') as f:
+      thp = f.read()
+    new_enough = lib == 'glibc' and tuple(map(int, version.split('.')[:2])) >= (2, 35)
+  except (OSError, ValueError):
+    return None
+  if not new_enough or '[never]' in thp:
+    return None
+  return dict(environ, GLIBC_TUNABLES=':'.join(filter(None, [tunables,
+                                                             'glibc.malloc.hugetlb=1'])))
+
+
+def use_transparent_huge_pages() -> None:
+  """Re-executes this process once, the same command line, with glibc's malloc asking for
+  transparent huge pages. Call it first thing in a command's `__main__` (never in a library).
+
+  XLA:CPU allocates each step's temporaries afresh. With 4 KiB pages every step then costs ~59K
+  minor page faults: a 23-minute demo run spent 500 s in the kernel on 195M of them. With
+  `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35, read only at process start) a step
+  costs ~600 (the levir step at batch 4: ~2K instead of 439K, and 7.4-8.4 s instead of 8.5-8.7
+  on 2 cores). The results are the same; to opt out, set GLIBC_TUNABLES=glibc.malloc.hugetlb=0.
+  """
+  env = huge_pages_environment(dict(os.environ))
+  if env is not None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # orig_argv keeps `-m module` and interpreter options, which sys.argv has lost.
+    try:
+      os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError:  # cannot re-execute (e.g. no sys.executable): run on with 4 KiB pages
+      pass
 
 
 # Warnings that say nothing to a user: TFDS announcing the builder config our pipeline passes it

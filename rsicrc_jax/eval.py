@@ -242,4 +242,5 @@ def main():
 
 
 if __name__ == '__main__':
+  cli.use_transparent_huge_pages()
   main()

@@ -928,4 +928,5 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == '__main__':
+  cli.use_transparent_huge_pages()
   cli.run_plain(main)

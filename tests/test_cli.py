@@ -215,3 +215,31 @@ def test_label_maps_resize_to_class_ids_and_outline_on_figures():
   draw_change_mask(ax, out)
   assert len(ax.collections) == 2  # one outline per class
   plt.close(fig)
+
+
+def test_commands_rerun_themselves_with_huge_pages(tmp_path):
+  """`cli.use_transparent_huge_pages()` re-executes the same command line (`-m module`,
+  interpreter options and arguments kept) with glibc's hugetlb tunable added to any already set;
+  an explicit setting, including the opt-out, is left alone."""
+  from rsicrc_jax import cli  # pylint: disable=import-outside-toplevel
+  if cli.huge_pages_environment({}) is None:
+    pytest.skip('no glibc >= 2.35 with transparent huge pages here')
+  (tmp_path / 'thp_probe.py').write_text(
+      'import json, os, sys\n'
+      'from rsicrc_jax import cli\n'
+      'cli.use_transparent_huge_pages()\n'
+      'print(json.dumps([os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], sys.flags.utf8_mode]))\n')
+
+  def probe(tunables):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), REPO]))
+    env.pop('GLIBC_TUNABLES', None)
+    if tunables is not None:
+      env['GLIBC_TUNABLES'] = tunables
+    out = subprocess.run([sys.executable, '-X', 'utf8', '-m', 'thp_probe', 'a', '--b=c'],
+                         env=env, capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+  assert probe(None) == ['glibc.malloc.hugetlb=1', ['a', '--b=c'], 1]
+  assert probe('glibc.malloc.arena_max=2') == [
+      'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1', ['a', '--b=c'], 1]
+  assert probe('glibc.malloc.hugetlb=0') == ['glibc.malloc.hugetlb=0', ['a', '--b=c'], 1]
