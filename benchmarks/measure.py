@@ -11,7 +11,6 @@ caption runs to max_len, the worst case).
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rsicrc_jax import cli
 from rsicrc_jax import decoding
 from rsicrc_jax import evaluators
 from rsicrc_jax import optim
@@ -249,7 +249,7 @@ def train_step(config, batch: int, steps: int = 10) -> dict[str, Any]:
           'tflops_achieved': _div(flops, dt * 1e12), 'memory_gb': _gb(_memory_bytes(compiled)),
           'loss': loss, 'sys_s_per_step': kernel.get('sys_s'),
           'minor_faults_per_step': kernel.get('minor_faults'),
-          'huge_pages': 'glibc.malloc.hugetlb=1' in os.environ.get('GLIBC_TUNABLES', '')}
+          'huge_pages': cli.huge_pages_on()}
 
 
 def _kernel_counters() -> dict[str, float]:

@@ -47,6 +47,15 @@ def quiet_third_party_logs() -> None:
   os.environ.setdefault('GRPC_VERBOSITY', 'ERROR')
 
 
+HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
+
+
+def huge_pages_on(environ: dict[str, str] | None = None) -> bool:
+  """Whether glibc's malloc in this process (or under `environ`) asks for huge pages."""
+  environ = os.environ if environ is None else environ
+  return HUGE_PAGES_TUNABLE in environ.get('GLIBC_TUNABLES', '').split(':')
+
+
 def huge_pages_environment(environ: dict[str, str]) -> dict[str, str] | None:
   """The environment to re-execute with so that glibc's malloc asks for transparent huge pages,
   or None where that is already set, opted out of, or unavailable (not Linux, glibc older than
@@ -63,8 +72,7 @@ def huge_pages_environment(environ: dict[str, str]) -> dict[str, str] | None:
     return None
   if not new_enough or '[never]' in thp:
     return None
-  return dict(environ, GLIBC_TUNABLES=':'.join(filter(None, [tunables,
-                                                             'glibc.malloc.hugetlb=1'])))
+  return dict(environ, GLIBC_TUNABLES=':'.join(filter(None, [tunables, HUGE_PAGES_TUNABLE])))
 
 
 def use_transparent_huge_pages() -> None:
