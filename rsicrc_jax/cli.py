@@ -82,8 +82,8 @@ def use_transparent_huge_pages() -> None:
   XLA:CPU allocates each step's temporaries afresh. With 4 KiB pages every step then costs ~59K
   minor page faults: a 23-minute demo run spent 500 s in the kernel on 195M of them. With
   `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35, read only at process start) a step
-  costs ~600 (the levir step at batch 4: ~2K instead of 439K, and 7.4-8.4 s instead of 8.5-8.7
-  on 2 cores). The results are the same; to opt out, set GLIBC_TUNABLES=glibc.malloc.hugetlb=0.
+  costs ~600 (the levir step at batch 4: ~2K instead of 439K, and 0.4-1.5 s of system time
+  instead of ~2 s). The results are the same; to opt out, set GLIBC_TUNABLES=glibc.malloc.hugetlb=0.
   """
   env = huge_pages_environment(dict(os.environ))
   if env is not None:
