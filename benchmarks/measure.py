@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -227,29 +227,68 @@ def _flops(stage) -> float | None:
 
 def train_step(config, batch: int, steps: int = 10) -> dict[str, Any]:
   """Seconds per step, pairs/s, XLA's FLOP count and memory for one train step of `config`."""
-  compiled, state, device_batch, compile_s, flops = compiled_step(config, batch)
-  state, aux = compiled(state, device_batch)  # first run: allocation, autotuning leftovers
-  _sync(aux)
-  kernel = _kernel_counters()
-  t = time.perf_counter()
-  for _ in range(steps):
-    state, aux = compiled(state, device_batch)
-  _sync(aux)
-  dt = (time.perf_counter() - t) / steps
-  kernel = {k: (v - kernel[k]) / steps for k, v in _kernel_counters().items()}
-  loss = float(aux['loss'])
-  if not np.isfinite(loss):
-    raise FloatingPointError(f'non-finite loss {loss} at batch {batch}')
-  n_params = sum(x.size for x in jax.tree.leaves((state.params, state.frozen)))
-  return {'batch': batch, 'dtype': config.model.dtype or 'float32',
-          'fsdp': bool(config.sharding.fsdp), 'devices': len(jax.devices()),
-          'params_m': n_params / 1e6, 'compile_s': compile_s, 'step_ms': dt * 1e3,
-          'pairs_per_s': batch / dt, 'gflop_per_step': _div(flops, 1e9),
-          'gflop_compiled': _div(_flops(compiled), 1e9),
-          'tflops_achieved': _div(flops, dt * 1e12), 'memory_gb': _gb(_memory_bytes(compiled)),
-          'loss': loss, 'sys_s_per_step': kernel.get('sys_s'),
-          'minor_faults_per_step': kernel.get('minor_faults'),
-          'huge_pages': cli.huge_pages_on()}
+  timer = StepTimer(config, batch)
+  return timer.result(timer.time(steps))
+
+
+class StepTimer:
+  """The compiled train step of `config` at `batch` pairs, run once (allocation, autotuning
+  leftovers). Each `time(steps)` times that many more steps on the carried state, so a caller
+  can interleave rounds with other work (side_by_side.py alternates with the reference, as
+  this machine's speed drifts by 10-20% between minutes)."""
+
+  def __init__(self, config, batch: int):
+    self.config, self.batch = config, batch
+    self.compiled, self.state, self.device_batch, self.compile_s, self.flops = compiled_step(
+        config, batch)
+    self.state, self.aux = self.compiled(self.state, self.device_batch)
+    _sync(self.aux)
+    self.kernel = {}
+
+  def time(self, steps: int) -> float:
+    """Seconds per step over `steps` steps; also records the kernel counters per step."""
+    kernel = _kernel_counters()
+    t = time.perf_counter()
+    for _ in range(steps):
+      self.state, self.aux = self.compiled(self.state, self.device_batch)
+    _sync(self.aux)
+    dt = (time.perf_counter() - t) / steps
+    self.kernel = {k: (v - kernel[k]) / steps for k, v in _kernel_counters().items()}
+    return dt
+
+  def result(self, dt: float) -> dict[str, Any]:
+    """The benchmark's record for a step time `dt` (checks that the loss is finite)."""
+    config, batch, flops = self.config, self.batch, self.flops
+    loss = float(self.aux['loss'])
+    if not np.isfinite(loss):
+      raise FloatingPointError(f'non-finite loss {loss} at batch {batch}')
+    n_params = sum(x.size for x in jax.tree.leaves((self.state.params, self.state.frozen)))
+    return {'batch': batch, 'dtype': config.model.dtype or 'float32',
+            'fsdp': bool(config.sharding.fsdp), 'devices': len(jax.devices()),
+            'params_m': n_params / 1e6, 'compile_s': self.compile_s, 'step_ms': dt * 1e3,
+            'pairs_per_s': batch / dt, 'gflop_per_step': _div(flops, 1e9),
+            'gflop_compiled': _div(_flops(self.compiled), 1e9),
+            'tflops_achieved': _div(flops, dt * 1e12),
+            'memory_gb': _gb(_memory_bytes(self.compiled)), 'loss': loss,
+            'sys_s_per_step': self.kernel.get('sys_s'),
+            'minor_faults_per_step': self.kernel.get('minor_faults'),
+            'huge_pages': cli.huge_pages_on()}
+
+
+def alternating_rounds(reference: Callable[[], float], ours: Callable[[], float],
+                       rounds: int) -> dict[str, Any]:
+  """Calls reference() then ours() (each returns seconds), `rounds` times: both sides' times, the
+  per-round ratios reference/ours, and their medians and range. One machine's speed drifts
+  between minutes, so a ratio is only fair between neighbouring measurements."""
+  ref_s, ours_s = [], []
+  for _ in range(rounds):
+    ref_s.append(reference())
+    ours_s.append(ours())
+  ratios = [r / o for r, o in zip(ref_s, ours_s)]
+  return {'reference_s': float(np.median(ref_s)), 'ours_s': float(np.median(ours_s)),
+          'speedup': float(np.median(ratios)), 'speedup_min': min(ratios),
+          'speedup_max': max(ratios),
+          'rounds': {'reference_s': ref_s, 'ours_s': ours_s, 'speedup': ratios}}
 
 
 def _kernel_counters() -> dict[str, float]:

@@ -3,14 +3,18 @@ and captioning at levir size, same batch, same shapes, same weights for captioni
 
   pip install -e ".[torch]" open_clip_torch pytorch_metric_learning  # the reference's own deps
   git clone https://github.com/rogerferrod/RSICRC /path/to/RSICRC
-  python benchmarks/side_by_side.py --reference /path/to/RSICRC [--batch 4] [--steps 3] \
-      [--pairs 8] [--ours_pairs 32] [--out side_by_side.json]
+  python benchmarks/side_by_side.py --reference /path/to/RSICRC [--batch 4] [--steps 2] \
+      [--rounds 3] [--pairs 4] [--ours_pairs 32] [--out side_by_side.json]
 
 Train step: the reference's ICCModel (RN50 tower from open_clip, random weights) with its
 InfoNCELoss (FNA on), `loss = cap + lamb * con`, backward and AdamW over the trainable
 parameters, as its train.py does; ours is the step launch.py runs (`measure.train_step`). Both
 are timed after one warm-up step. GFLOP/s for both use XLA's FLOP count of the same step, and
 each framework's float32 matmul peak is measured in the same run.
+
+Rounds: the same program's speed drifts by 10-20% over minutes on a shared machine, so both sides
+are timed in alternating rounds (reference, ours, reference, ...) and each round gives a ratio;
+the table shows the medians and the ratios' range.
 
 Captioning, seconds per pair: the reference's loop (one pair at a time, the full decoder re-run
 on the growing sequence, argmax, stop at END or max_len) and ours as eval runs it (a batch of
@@ -45,9 +49,11 @@ _REFERENCE = flags.DEFINE_string('reference', None, 'A checkout of rogerferrod/R
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/levir.py', 'The levir config (the '
                                           'reference builds exactly this architecture).')
 _BATCH = flags.DEFINE_integer('batch', 4, 'Train batch (the paper: 4).')
-_STEPS = flags.DEFINE_integer('steps', 3, 'Timed train steps, after one warm-up step.')
-_PAIRS = flags.DEFINE_integer('pairs', 8, 'Pairs captioned by the reference loop (its time per '
-                              'pair does not depend on how many).')
+_STEPS = flags.DEFINE_integer('steps', 2, 'Timed train steps per round, after one warm-up step.')
+_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternating rounds (reference, then ours) for the '
+                               'train step and for captioning; each gives a ratio.')
+_PAIRS = flags.DEFINE_integer('pairs', 4, 'Pairs captioned by the reference loop per round (its '
+                              'time per pair does not depend on how many).')
 _OURS_PAIRS = flags.DEFINE_integer('ours_pairs', 32, 'Pairs captioned by ours in one batch (eval\'s '
                                    'default batch, config.eval.batch_size); the first --pairs of '
                                    'them are the reference\'s, whose tokens must match.')
@@ -113,8 +119,9 @@ def _torch_batch(torch, config, batch: int):
   return images, tokens, tokens == cap.PAD, flags_, embs
 
 
-def reference_train_step(torch, InfoNCELoss, model, config, batch: int, steps: int):  # pylint: disable=invalid-name
-  """Seconds per step of the reference's training step, after one warm-up step."""
+def reference_step_timer(torch, InfoNCELoss, model, config, batch: int):  # pylint: disable=invalid-name
+  """The reference's training step, run once (warm-up): returns time(steps) -> seconds per
+  step over that many more steps."""
   (img_a, img_b), tokens, pad_mask, flags_, embs = _torch_batch(torch, config, batch)
   infonce = InfoNCELoss(torch.device('cpu'), k=config.loss.top_k,
                         temperature=config.loss.temperature,
@@ -132,11 +139,14 @@ def reference_train_step(torch, InfoNCELoss, model, config, batch: int, steps: i
     optim.zero_grad()
     return float(loss.detach())
 
+  def timed(steps: int) -> float:
+    t = time.perf_counter()
+    for _ in range(steps):
+      step()
+    return (time.perf_counter() - t) / steps
+
   step()
-  t = time.perf_counter()
-  for _ in range(steps):
-    step()
-  return (time.perf_counter() - t) / steps
+  return timed
 
 
 def reference_captions(torch, model, img_a, img_b, max_len: int, end_id: int = cap.END):
@@ -172,58 +182,69 @@ def main(argv):
                           'jax': measure.matmul_peak(_MATMUL.value)}
   model = _reference_model(torch, open_clip, ICCModel, m)
 
-  ref_s = reference_train_step(torch, InfoNCELoss, model, config, _BATCH.value, _STEPS.value)
-  ours = measure.train_step(config, _BATCH.value, steps=_STEPS.value)
+  ref_step = reference_step_timer(torch, InfoNCELoss, model, config, _BATCH.value)
+  ours_step = measure.StepTimer(config, _BATCH.value)
+  steps = _STEPS.value
+  res['train_step'] = measure.alternating_rounds(
+      lambda: ref_step(steps), lambda: ours_step.time(steps), _ROUNDS.value)
+  ours = ours_step.result(res['train_step']['ours_s'])
   gflop = ours['gflop_per_step']
-  res['train_step'] = {
-      'reference_s': ref_s, 'ours_s': ours['step_ms'] / 1e3, 'gflop_per_step_xla': gflop,
-      'reference_gflops': gflop / ref_s if gflop else None,
-      'ours_gflops': gflop / (ours['step_ms'] / 1e3) if gflop else None,
-      'speedup': ref_s / (ours['step_ms'] / 1e3)}
+  res['train_step'].update(
+      gflop_per_step_xla=gflop,
+      reference_gflops=gflop / res['train_step']['reference_s'] if gflop else None,
+      ours_gflops=gflop / res['train_step']['ours_s'] if gflop else None)
 
   # Captioning on the same weights: the reference's state_dict imported into ours.
   n_ref, n_ours = _PAIRS.value, max(_PAIRS.value, _OURS_PAIRS.value)
   (img_a, img_b), _, _, _, _ = _torch_batch(torch, config, n_ours)
-  t = time.perf_counter()
   # An id past the vocabulary is never the argmax: END does not stop a caption.
   end_id = cap.END if _STOP_AT_END.value else m.vocab_size
-  ref_tokens = reference_captions(torch, model, img_a[:n_ref], img_b[:n_ref], m.max_len, end_id)
-  ref_caption_s = (time.perf_counter() - t) / n_ref
   ours_model = model_skeleton(m)
   weights.import_rsicrc(ours_model, {k: v.detach().numpy() for k, v in model.state_dict().items()})
   a = jnp.asarray(img_a.numpy().transpose(0, 2, 3, 1))
   b = jnp.asarray(img_b.numpy().transpose(0, 2, 3, 1))
   decode = lambda: decoding.greedy_decode_cached(ours_model, a, b, end_id=end_id)
   jax.block_until_ready(decode())  # compile
-  t = time.perf_counter()
-  tokens, _, _ = jax.block_until_ready(decode())
-  ours_caption_s = (time.perf_counter() - t) / n_ours
+  captions = {}
+
+  def reference_round():
+    t = time.perf_counter()
+    captions['reference'] = reference_captions(torch, model, img_a[:n_ref], img_b[:n_ref],
+                                                m.max_len, end_id)
+    return (time.perf_counter() - t) / n_ref
+
+  def ours_round():
+    t = time.perf_counter()
+    captions['ours'] = np.asarray(jax.block_until_ready(decode())[0]).tolist()
+    return (time.perf_counter() - t) / n_ours
+
+  res['captioning'] = measure.alternating_rounds(reference_round, ours_round, _ROUNDS.value)
+  ref_tokens = captions['reference']
   ours_tokens = [row[:row.index(end_id) + 1] if end_id in row else row
-                 for row in np.asarray(tokens).tolist()]
-  steps = sum(len(r) - 1 for r in ref_tokens)
-  res['captioning'] = {
-      'reference_pairs': n_ref, 'ours_pairs': n_ours, 'reference_decoding_steps': steps,
-      'stop_at_end': _STOP_AT_END.value,
-      'same_tokens': ours_tokens[:n_ref] == ref_tokens,
-      'reference_s_per_pair': ref_caption_s, 'ours_s_per_pair': ours_caption_s,
-      'reference_captions_per_s': 1 / ref_caption_s, 'ours_captions_per_s': 1 / ours_caption_s,
-      'speedup': ref_caption_s / ours_caption_s}
+                 for row in captions['ours']]
+  decode_steps = sum(len(r) - 1 for r in ref_tokens)
+  res['captioning'].update(
+      reference_pairs=n_ref, ours_pairs=n_ours, reference_decoding_steps=decode_steps,
+      stop_at_end=_STOP_AT_END.value, same_tokens=ours_tokens[:n_ref] == ref_tokens)
 
   s, c = res['train_step'], res['captioning']
   mm = res['matmul_tflops']
   print(f'{res["machine"]}; torch {res["torch"]} ({res["torch_threads"]} threads), jax '
         f'{res["jax"]}; levir config, batch {_BATCH.value}, float32')
-  print('| | reference (PyTorch) | rsicrc_jax | ratio |\n| --- | --- | --- | --- |')
+  print('| | reference (PyTorch) | rsicrc_jax | ratio (range over rounds) |\n'
+        '| --- | --- | --- | --- |')
   print(f'| f32 matmul {_MATMUL.value}^3, GFLOP/s | {mm["torch"] * 1e3:.0f} | '
         f'{mm["jax"] * 1e3:.0f} | |')
-  print(f'| train step, s | {s["reference_s"]:.2f} | {s["ours_s"]:.2f} | {s["speedup"]:.2f}x |')
+  spread = lambda r: f'{r["speedup"]:.2f}x ({r["speedup_min"]:.2f}-{r["speedup_max"]:.2f})'
+  print(f'| train step, s (median of {_ROUNDS.value} rounds of {_STEPS.value}) | '
+        f'{s["reference_s"]:.2f} | {s["ours_s"]:.2f} | {spread(s)} |')
   if gflop:
     print(f'| train step, GFLOP/s ({gflop:.0f} GFLOP/step, XLA) | {s["reference_gflops"]:.0f} | '
           f'{s["ours_gflops"]:.0f} | |')
   print(f'| captioning, s per pair (reference: {n_ref} pairs one by one; ours: {n_ours} in one '
-        f'batch) | {c["reference_s_per_pair"]:.3f} | {c["ours_s_per_pair"]:.3f} | '
-        f'{c["speedup"]:.1f}x |')
-  print(f'same tokens on the reference\'s {n_ref} pairs ({steps} decoding steps, '
+        f'batch; median of {_ROUNDS.value} rounds) | {c["reference_s"]:.3f} | {c["ours_s"]:.3f} | '
+        f'{spread(c)} |')
+  print(f'same tokens on the reference\'s {n_ref} pairs ({decode_steps} decoding steps, '
         f'{"stopped at END" if _STOP_AT_END.value else "END ignored"}): {c["same_tokens"]}')
   if _OUT.value:
     with open(_OUT.value, 'w') as f:

@@ -82,3 +82,16 @@ def test_train_rows_size_the_largest_batch_from_an_earlier_fit():
       ('bfloat16:largest', '/nonexistent.json', 80.0, 'cannot read it')):
     with pytest.raises(ValueError, match=message):
       measure.parse_train_rows([spec], fit_json, limit, 8)
+
+
+def test_side_by_side_rounds_pair_each_reference_time_with_the_next_of_ours():
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  import measure  # pylint: disable=import-outside-toplevel  # benchmarks/measure.py
+  calls, ref, ours = [], iter([4.0, 10.0, 6.0]), iter([1.0, 5.0, 6.0])
+  r = measure.alternating_rounds(lambda: calls.append('reference') or next(ref),
+                                 lambda: calls.append('ours') or next(ours), 3)
+  assert calls == ['reference', 'ours'] * 3
+  # Ratios per round 4, 2, 1: their median 2, not the ratio of the medians (6 / 5).
+  assert r['rounds']['speedup'] == [4.0, 2.0, 1.0]
+  assert (r['speedup'], r['speedup_min'], r['speedup_max']) == (2.0, 1.0, 4.0)
+  assert (r['reference_s'], r['ours_s']) == (6.0, 5.0)
