@@ -172,6 +172,9 @@ def main(argv):
   del argv
   if not _REFERENCE.value:
     raise app.UsageError('--reference is required: a checkout of rogerferrod/RSICRC')
+  for flag in (_STEPS, _ROUNDS, _PAIRS):
+    if flag.value < 1:
+      raise app.UsageError(f'--{flag.name}={flag.value}: expected at least 1')
   torch, open_clip, InfoNCELoss, ICCModel = _import_reference(_REFERENCE.value)  # pylint: disable=invalid-name
   config = _CONFIG.value
   m = config.model
