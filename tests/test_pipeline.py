@@ -85,6 +85,22 @@ def test_process_slices_concatenate_to_the_global_batch(tiny):
     batches(tiny, process_count=3)
 
 
+def test_caption_lengths_are_the_records_own(tiny):
+  """TFDS shuffles the records on write, so the builder's caption_lengths metadata (generation
+  order) is not indexed by record; the pipeline's lengths are read from the records. With the
+  metadata's, a max_len that drops captions picked ones that do not fit and the batch failed."""
+  for split in tiny.splits:
+    source = tiny.source(split)
+    assert tiny.caption_lengths[split] == [[len(t.decode().split()) for t in source[p]['tokens']]
+                                           for p in range(len(source))]
+  assert tiny.caption_lengths['train'] != tiny.builder.info.metadata['caption_lengths']['train']
+  b, plan = batches(tiny, max_len=12, num_epochs=1)
+  assert plan.num_items < 200  # captions of more than 10 words dropped
+  for s in range(plan.steps_per_epoch):
+    assert b[s]['tokens'].shape == (8, 12)
+    assert ((b[s]['tokens'] == cap.END).sum(axis=1) == 1).all()
+
+
 def test_iterator_state_resumes_exactly(tiny):
   ds, _ = batches(tiny)
   it = pipeline.iterate(ds, num_threads=2)

@@ -183,6 +183,8 @@ class _CaptionDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
                                              cfg.sentence_encoder, cfg.sentence_dim)
     counts = cap.word_counts(t for rec in records for t in rec.tokens)
     vocab = cap.vocabulary_from_counts(counts, cfg.vocab_min_count)
+    # In generation order, which TFDS shuffles on write: the pipeline reads each record's own
+    # lengths (pipeline.record_caption_lengths); these give the splits and their sizes.
     lengths = {s: [[len(t) for t in rec.tokens] for rec in records if rec.split == s]
                for s in cap.SPLITS}
     self.info.metadata.update({

@@ -186,7 +186,23 @@ def open_dataset(data_cfg: Mapping[str, Any], *,
   vocab_path = data_cfg.get('vocab_path') or ''
   vocab = cap.read_vocabulary(vocab_path) if vocab_path else cap.check_vocabulary(
       dict(meta['vocab']), os.path.join(builder.data_dir, 'metadata.json'))
-  return Dataset(name, builder, vocab, {k: list(v) for k, v in meta['caption_lengths'].items()})
+  return Dataset(name, builder, vocab, record_caption_lengths(builder, meta['caption_lengths']))
+
+
+def record_caption_lengths(builder, splits) -> dict[str, list[list[int]]]:
+  """Words of each caption of each pair, per split, in the order the records are read: index p
+  is `source[p]`. Read from the records (pictures left undecoded: 0.3 s for the synthetic
+  dataset's 2,000 train pairs), not from the builders' `caption_lengths` metadata, which lists the pairs in the order they were
+  generated; TFDS shuffles that order when it writes the records."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  undecoded = {k: tfds.decode.SkipDecoding() for k, f in builder.info.features.items()
+               if isinstance(f, tfds.features.Image)}
+  out = {}
+  for split in splits:
+    source = builder.as_data_source(split, decoders=undecoded)
+    out[split] = [[len(_text(t).split()) for t in source[p]['tokens']]
+                  for p in range(len(source))]
+  return out
 
 
 def text_statistics(dataset: Dataset) -> tuple[dict[str, int], list[str]]:
