@@ -85,6 +85,12 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.vocab_path = ''  # a {word: id} JSON (e.g. a released checkpoint's); '' = the dataset's own
   d.num_threads = 4  # grain read threads
   d.prefetch = 8  # batches prefetched
+  # Train batches are padded to their longest caption (START and END included), rounded up to a
+  # multiple of this, instead of to max_len as the reference: the decoder skips the PAD slots
+  # (LEVIR-CC captions average 7.9 words of the 39 that fit). The losses and gradients are
+  # those of the max_len batch, but for dropout, whose masks are drawn for the shorter shape.
+  # Each length met compiles the step once. 0 = always max_len.
+  d.caption_pad_multiple = 8
   return d
 
 

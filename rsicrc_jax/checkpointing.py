@@ -49,14 +49,16 @@ def resume_fingerprint(config) -> dict:
   """The config as a plain dict, less RESUME_IGNORES and the size fields of the backbone family
   the run does not use (an RN50 run ignores vit_*). A workdir written before `model.backbone`
   (or hard_negatives, the builder config's stored_size and raw) existed has them at their
-  defaults."""
+  defaults; one written before `data.caption_pad_multiple` padded captions to max_len (0)."""
   d = json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
   for key in RESUME_IGNORES:
     _drop(d, key)
-  builder = d.get('data', {}).get('builder_config')
-  if isinstance(builder, dict):  # fields added later, at the values runs before them had
-    builder.setdefault('stored_size', 0)
-    builder.setdefault('raw', False)
+  data = d.get('data')
+  if isinstance(data, dict):  # fields added later, at the values runs before them had
+    data.setdefault('caption_pad_multiple', 0)
+    if isinstance(data.get('builder_config'), dict):
+      data['builder_config'].setdefault('stored_size', 0)
+      data['builder_config'].setdefault('raw', False)
   d.setdefault('hard_negatives', 0)
   model = d.get('model')
   if isinstance(model, dict):

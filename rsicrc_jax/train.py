@@ -19,7 +19,6 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from rsicrc_jax import checkpointing
@@ -191,11 +190,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
 
   mesh = sharding.make_mesh(config)
   sharding.check_batch_divides(config, mesh, optim.grad_accum_steps(config))
+  # Train batches cut to their longest caption (rounded up): one compiled step per length.
+  caption_pad_multiple = int(config.data.get('caption_pad_multiple', 0))
   train_batches, plan = pipeline.make_batches(
       dataset, 'train', global_batch=config.batch_size, max_len=config.model.max_len,
       image_size=config.model.image_size, train=True, seed=config.seed,
       num_epochs=config.epochs, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), caption_pad_multiple=caption_pad_multiple)
   optimizer = optim.make_optimizer(config, plan.num_steps)
   schedule = optim.learning_rate_schedule(config, plan.num_steps)
   graphdef, state = ts.init_state(config, optimizer)
@@ -263,7 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
                                max_len=config.model.max_len,
                                image_size=config.model.image_size, seed=config.seed,
                                process_index=jax.process_index(),
-                               process_count=jax.process_count()),
+                               process_count=jax.process_count(),
+                               caption_pad_multiple=caption_pad_multiple),
         num_threads=config.data.num_threads, prefetch=config.data.prefetch)
 
   def stopped() -> preemption.Preempted:  # after a save at `step`
@@ -303,8 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
         while step < epoch_end:
           local = next(data_iter)
           if mined is not None:  # the items' hard negatives follow the items
-            negatives = next(mined)
-            local = {k: np.concatenate([v, negatives[k]]) for k, v in local.items()}
+            local = pipeline.concat_items(local, next(mined))
           state, aux = train_step(state, sharding.global_batch(local, mesh))
           step += 1
           if t0 is None:  # pairs/s from the end of the first step (compilation excluded)

@@ -95,3 +95,11 @@ def test_side_by_side_rounds_pair_each_reference_time_with_the_next_of_ours():
   assert r['rounds']['speedup'] == [4.0, 2.0, 1.0]
   assert (r['speedup'], r['speedup_min'], r['speedup_max']) == (2.0, 1.0, 4.0)
   assert (r['reference_s'], r['ours_s']) == (6.0, 5.0)
+  # A variant of ours runs after ours in each round, its ratios against the same reference.
+  calls, ref, ours, var = [], iter([4.0, 10.0, 6.0]), iter([1.0, 5.0, 6.0]), iter([2.0, 2.0, 3.0])
+  r = measure.alternating_rounds(lambda: calls.append('reference') or next(ref),
+                                 lambda: calls.append('ours') or next(ours), 3,
+                                 others={'max_len': lambda: calls.append('max_len') or next(var)})
+  assert calls == ['reference', 'ours', 'max_len'] * 3 and r['speedup'] == 2.0
+  assert r['others']['max_len']['rounds_speedup'] == [2.0, 5.0, 2.0]
+  assert (r['others']['max_len']['speedup'], r['others']['max_len']['s']) == (2.0, 2.0)

@@ -47,10 +47,13 @@ def test_config_typos_give_one_line_and_exit_2(tmp_path, flag, message):
 
 def test_a_bad_value_is_refused_before_anything_is_written(tmp_path):
   out = run('launch.py', '--config=configs/demo.py', f'--workdir={tmp_path}/w',
-            '--config.batch_size=-3', '--config.lr_schedule=cos')
+            '--config.batch_size=-3', '--config.lr_schedule=cos',
+            '--config.data.caption_pad_multiple=-8')
   assert out.returncode == 2, out.stderr[-2000:]
   assert out.stderr.strip() == ("error: config.batch_size=-3: expected a positive integer; "
-                                "config.lr_schedule='cos': expected 'constant' or 'cosine'")
+                                "config.lr_schedule='cos': expected 'constant' or 'cosine'; "
+                                "config.data.caption_pad_multiple=-8: expected an integer >= 0 "
+                                "(0 = pad captions to max_len)")
   assert not os.path.exists(tmp_path / 'w')
 
 

@@ -101,6 +101,59 @@ def test_caption_lengths_are_the_records_own(tiny):
     assert ((b[s]['tokens'] == cap.END).sum(axis=1) == 1).all()
 
 
+def test_padded_length_by_hand():
+  # START + 5 words + END = 7 slots -> 8; 6 words -> 8; 7 words -> 9 slots -> 16.
+  assert [cap.padded_length(w, 8, 41) for w in (0, 5, 6, 7, 14, 30, 31, 39)] == [
+      8, 8, 8, 16, 16, 32, 40, 41]
+  assert cap.padded_length(3, 0, 41) == 41  # 0: the reference's max_len
+  assert cap.padded_length(3, 1, 41) == 5
+  with pytest.raises(ValueError, match='40 words does not fit max_len=41'):
+    cap.padded_length(40, 8, 41)
+  with pytest.raises(ValueError, match='multiple -1'):
+    cap.padded_length(3, -1, 41)
+
+
+def test_train_batches_cut_captions_to_the_global_batch_longest(tiny):
+  """With caption_pad_multiple, each step's tokens are the max_len batch's first L columns, L
+  the global batch's longest caption rounded up, the same on every process; only PAD is cut."""
+  full, _ = batches(tiny)
+  cut, _ = batches(tiny, caption_pad_multiple=4)
+  parts = [batches(tiny, process_index=p, process_count=2, caption_pad_multiple=4)[0]
+           for p in range(2)]
+  lengths = set()
+  for s in range(50):
+    tokens = full[s]['tokens']
+    longest = int(((tokens != cap.PAD).sum(axis=1)).max())  # START .. END
+    length = min(-(-longest // 4) * 4, 41)
+    lengths.add(length)
+    assert cut[s]['tokens'].shape == (8, length)
+    np.testing.assert_array_equal(cut[s]['tokens'], tokens[:, :length])
+    assert (tokens[:, length:] == cap.PAD).all()
+    for key in ('image_a', 'flag', 'pair_index'):
+      np.testing.assert_array_equal(cut[s][key], full[s][key])
+    halves = [parts[p][s]['tokens'] for p in range(2)]
+    assert halves[0].shape == halves[1].shape == (4, length)  # same L on both processes
+    np.testing.assert_array_equal(np.concatenate(halves), cut[s]['tokens'])
+  assert len(lengths) > 1  # the tiny grammar's batches differ in their longest caption
+  # Evaluation batches keep max_len (their compiled functions see one shape).
+  evals, _ = batches(tiny, train=False, caption_pad_multiple=4)
+  assert evals[0]['tokens'].shape == (8, 41)
+
+
+def test_cut_captions_refuses_to_cut_a_word_and_concat_pads_to_the_longer():
+  tokens = np.full((2, 10), cap.PAD, np.int32)
+  tokens[:, :4] = [cap.START, 7, 8, cap.END]
+  with pytest.raises(cap.DataError, match="runs past token 3.*reopen the dataset"):
+    pipeline.cut_captions({'tokens': tokens}, 3, 'dataset x')
+  short = pipeline.cut_captions({'tokens': tokens, 'flag': np.arange(2)}, 4)
+  longer = {'tokens': np.full((1, 6), 9, np.int32), 'flag': np.array([5])}
+  both = pipeline.concat_items(short, longer)
+  np.testing.assert_array_equal(both['flag'], [0, 1, 5])
+  assert both['tokens'].shape == (3, 6)
+  np.testing.assert_array_equal(both['tokens'][:2, :4], tokens[:, :4])
+  assert (both['tokens'][:2, 4:] == cap.PAD).all() and (both['tokens'][2] == 9).all()
+
+
 def test_iterator_state_resumes_exactly(tiny):
   ds, _ = batches(tiny)
   it = pipeline.iterate(ds, num_threads=2)

@@ -160,6 +160,23 @@ def test_resume_check_compares_every_field_it_does_not_ignore(tmp_path):
     checkpointing.check_resumable(str(tmp_path), c)
 
 
+def test_a_run_from_before_cut_captions_resumes_at_max_len(tmp_path):
+  """A workdir written before config.data.caption_pad_multiple existed trained on max_len
+  captions: it resumes with 0, and with levir.py's 8 the check names the field (dropout masks
+  would be drawn for other shapes)."""
+  from configs import levir
+  c = levir.get_config()
+  old = c.to_dict()
+  del old['data']['caption_pad_multiple']
+  (tmp_path / 'config.json').write_text(json.dumps(old, default=str))
+  (tmp_path / 'checkpoints' / '10').mkdir(parents=True)
+  with pytest.raises(checkpointing.TrainingError,
+                     match=r'config.data.caption_pad_multiple: workdir has 0, config has 8'):
+    checkpointing.check_resumable(str(tmp_path), c)
+  c.data.caption_pad_multiple = 0
+  checkpointing.check_resumable(str(tmp_path), c)
+
+
 TINY = os.path.join(REPO, 'tests', 'configs', 'tiny.py')
 
 
@@ -171,28 +188,41 @@ def _tiny_config():
   return module.get_config()
 
 
-def _one_tiny_step(**model_overrides):
-  """(state before, state after, aux) of one jitted train step of the tiny config."""
-  import jax
-  from rsicrc_jax import sharding
+def _tiny_batch(c, caption_slots: int = 0) -> dict:
+  """A host batch for the tiny config: captions of 2 to 8 words padded to max_len (41), or cut
+  to `caption_slots` as the pipeline cuts them (config.data.caption_pad_multiple)."""
+  from rsicrc_jax.data import pipeline
+  rng = np.random.default_rng(0)
+  n, s, length = c.batch_size, c.model.image_size, c.model.max_len
+  tokens = np.zeros((n, length), np.int32)
+  for i in range(n):
+    words = 2 + i % 7
+    tokens[i, 0], tokens[i, 1:words + 1], tokens[i, words + 1] = 1, rng.integers(4, 40, words), 3
+  if caption_slots:
+    tokens = pipeline.cut_captions({'tokens': tokens}, caption_slots)['tokens']
+  return {'image_a': rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8),
+          'image_b': rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8), 'tokens': tokens,
+          'flag': np.where(np.arange(n) % 3 == 0, -1, np.arange(n)).astype(np.int32),
+          'caption_id': np.arange(n, dtype=np.int32)}
+
+
+def _tiny_setup(**model_overrides):
   c = _tiny_config()
   c.model.vocab_size = 40
   c.model.update(model_overrides)
   c.warmup_fraction = 0.0  # the reference's warmup makes the first update lr 0
   opt = optim.make_optimizer(c, total_steps=10)
   graphdef, state = train_state.init_state(c, opt)
-  mesh = sharding.make_mesh(c)
+  return c, opt, graphdef, state
+
+
+def _one_tiny_step(**model_overrides):
+  """(state before, state after, aux) of one jitted train step of the tiny config."""
+  import jax
+  from rsicrc_jax import sharding
+  c, opt, graphdef, state = _tiny_setup(**model_overrides)
   step = jax.jit(train.make_train_step(graphdef, c, opt))
-  rng = np.random.default_rng(0)
-  n, s, length = c.batch_size, c.model.image_size, c.model.max_len
-  tokens = np.zeros((n, length), np.int32)
-  tokens[:, 0], tokens[:, 1:7], tokens[:, 7] = 1, rng.integers(4, 40, (n, 6)), 3
-  batch = sharding.global_batch({
-      'image_a': rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8),
-      'image_b': rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8), 'tokens': tokens,
-      'flag': np.where(np.arange(n) % 3 == 0, -1, np.arange(n)).astype(np.int32),
-      'caption_id': np.arange(n, dtype=np.int32)}, mesh)
-  new, aux = step(state, batch)
+  new, aux = step(state, sharding.global_batch(_tiny_batch(c), sharding.make_mesh(c)))
   return state, new, aux
 
 
@@ -239,6 +269,31 @@ def test_remat_recomputes_the_same_step(one_tiny_step):
     assert len(a) == len(b) > 0
     for x, y in zip(a, b):
       np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6, err_msg=part)
+
+
+def test_captions_cut_to_the_batch_longest_train_the_same_step():
+  """config.data.caption_pad_multiple: captions cut from 41 slots to 16 (the batch's longest, 10
+  slots, rounded up to 8) give the same losses, gradients and BN statistics to float rounding:
+  the cut slots are PAD, masked in attention and ignored by the losses. Without dropout, whose
+  masks are drawn for the step's shape (the two shapes draw different ones)."""
+  import jax
+  c, _, graphdef, state = _tiny_setup(dropout=0.0)
+  grad_fn = jax.jit(train.make_grad_fn(graphdef, c))
+  run = lambda slots: grad_fn(state.params, state.frozen, state.batch_stats, state.rng,
+                              _tiny_batch(c, slots))
+  (loss, (aux, stats, _)), grads = run(0)
+  (loss_cut, (aux_cut, stats_cut, _)), grads_cut = run(16)
+  for k in aux:
+    np.testing.assert_allclose(float(aux_cut[k]), float(aux[k]), rtol=1e-5, err_msg=k)
+  g, g_cut = jax.tree.leaves(grads), jax.tree.leaves(grads_cut)
+  scale = max(float(np.abs(x).max()) for x in g)
+  assert len(g) == len(g_cut) > 0 and scale > 0
+  for x, y in zip(g, g_cut):
+    # As across devices: 1e-5 of the tensor, plus a floor for gradients that are 0 in exact
+    # arithmetic (biases before a BatchNorm or an attention key): rounding on both sides.
+    assert np.abs(np.asarray(x) - np.asarray(y)).max() <= 1e-5 * np.abs(x).max() + 1e-7 * scale
+  for x, y in zip(jax.tree.leaves(stats), jax.tree.leaves(stats_cut)):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
 
 
 def test_best_metric_must_be_produced_by_an_evaluator():
@@ -597,8 +652,10 @@ def test_eval_says_what_to_run(baseline, data_dir, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Hard-negative mining (config.hard_negatives): the batches, exact resume, 8 devices.
 
+# With captions cut (to 16 or 32 slots, or 41), so the mined runs also check that the cut batches
+# and their negatives, padded to one length, resume exactly.
 MINING = ('--config.hard_negatives=1', '--config.batch_size=16', '--config.checkpoint.every_steps=3',
-          '--config.checkpoint.keep=20')
+          '--config.checkpoint.keep=20', '--config.data.caption_pad_multiple=16')
 MINED_STEPS = 24  # 2 epochs of 12 steps: 200 items / 16
 
 
@@ -627,6 +684,13 @@ def test_mined_batches_follow_the_table(data_dir):
   np.testing.assert_array_equal(valid, expected >= 0)
   np.testing.assert_array_equal(pairs[valid], items[expected[valid], 0])
   assert got[0]['image_a'].shape == (8, 64, 64, 3)  # 4 items x 2 negatives per process
+  # Cut captions: every process cuts to the longest of all processes' mined items, rounded up.
+  cut = [pipeline.mined_batches(ds, plan, table, epoch=epoch, start_step=start, process_index=p,
+                                process_count=2, caption_pad_multiple=4, **kw)[0] for p in (0, 1)]
+  tokens = np.concatenate([g['tokens'] for g in got])
+  length = min(-(-int((tokens != 0).sum(axis=1).max()) // 4) * 4, 41)
+  assert cut[0]['tokens'].shape == cut[1]['tokens'].shape == (8, length) and length < 41
+  np.testing.assert_array_equal(np.concatenate([c['tokens'] for c in cut]), tokens[:, :length])
   with pytest.raises(Exception, match='mining table has 3 rows'):
     pipeline.mined_batches(ds, plan, table[:3], epoch=0, start_step=0, **kw)
 

@@ -238,6 +238,23 @@ def encode_caption(tokens: Sequence[str], vocab: Mapping[str, int],
   return ids
 
 
+def padded_length(longest_words: int, multiple: int, max_len: int) -> int:
+  """Token slots a batch whose longest caption has `longest_words` words is padded to: its
+  START .. END (words + 2) rounded up to a multiple of `multiple`, at most max_len; max_len when
+  `multiple` is 0 (the reference always pads to max_len). Positions after a caption's END are
+  PAD, which the decoder masks and the losses ignore, so a batch cut to this length gives the
+  losses and gradients of its max_len form (dropout aside: its masks are drawn for the shape)
+  while the decoder skips the PAD slots."""
+  if multiple < 0:
+    raise ValueError(f'caption pad multiple {multiple}: expected an integer >= 0')
+  if not 0 <= longest_words <= max_len - 2:
+    raise ValueError(f'a caption of {longest_words} words does not fit max_len={max_len} '
+                     '(START, the words, END)')
+  if not multiple:
+    return max_len
+  return min(-(-(longest_words + 2) // multiple) * multiple, max_len)
+
+
 def decode_caption(ids: Sequence[int], words: Sequence[str]) -> str:
   """Words between START and END joined by spaces (the reference's hypothesis string).
   `words[i]` is the word of id i."""

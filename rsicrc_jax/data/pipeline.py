@@ -399,7 +399,8 @@ class Plan:
 def make_batches(dataset: 'Dataset | Mixture', split: str, *, global_batch: int, max_len: int,
                  image_size: int, train: bool, seed: int = 0, num_epochs: int = 1,
                  process_index: int = 0, process_count: int = 1,
-                 with_references: bool = False) -> tuple[grain.MapDataset, Plan]:
+                 with_references: bool = False,
+                 caption_pad_multiple: int = 0) -> tuple[grain.MapDataset, Plan]:
   """A `grain.MapDataset` of this process's batches, and the plan it follows.
 
   Training: items shuffled per epoch (a different permutation each epoch, fixed by `seed`), the
@@ -412,6 +413,11 @@ def make_batches(dataset: 'Dataset | Mixture', split: str, *, global_batch: int,
   Step s of the global batch holds items s*B .. s*B+B-1 of the epoch order; process p reads the
   contiguous slice p*b .. p*b+b-1 (b = B / process_count). Concatenating the processes' batches in
   process order gives exactly the single-process global batch.
+
+  `caption_pad_multiple` k > 0 (training only): each step's `tokens` are (b, L), L the global
+  batch's longest caption with START and END rounded up to a multiple of k (at most max_len),
+  instead of (b, max_len); see `captions.padded_length`. L comes from the dataset's caption
+  lengths, so every process cuts its slice to the same L without talking to the others.
   """
   if global_batch % process_count:
     raise cap.DataError(f'batch size {global_batch} must be divisible by the number of processes '
@@ -457,7 +463,49 @@ def make_batches(dataset: 'Dataset | Mixture', split: str, *, global_batch: int,
     return fetches[member](pair, caption, valid)
 
   ds = grain.MapDataset.range(plan.num_steps * local).map(load).batch(local, drop_remainder=True)
+  if train and caption_pad_multiple:
+    words = np.concatenate([_caption_words(m.caption_lengths[split], t)
+                            for m, t in zip(dataset.members, tables)])
+
+    def cut(step: int, batch: dict[str, Any]) -> dict[str, Any]:
+      epoch, step_in_epoch = divmod(step, steps)
+      first = epoch * n + step_in_epoch * global_batch
+      longest = max(int(words[order[first + j]]) for j in range(global_batch))
+      return cut_captions(batch, cap.padded_length(longest, caption_pad_multiple, max_len),
+                          dataset.describe())
+
+    ds = ds.map_with_index(cut)
   return ds, plan
+
+
+def _caption_words(caption_lengths: list[list[int]], items: np.ndarray) -> np.ndarray:
+  """Words of each (pair, caption) item row, from the dataset's caption lengths."""
+  return np.asarray([caption_lengths[p][c] for p, c in items], np.int32).reshape(-1)
+
+
+def cut_captions(batch: dict[str, Any], length: int, source: str = 'the batch') -> dict[str, Any]:
+  """The batch with `tokens` (b, max_len) cut to (b, length). Only PAD may be cut off: a real
+  token there means the dataset's caption lengths (its metadata) disagree with its records."""
+  tokens = batch['tokens']
+  if np.any(tokens[:, length:] != cap.PAD):
+    raise cap.DataError(f'{source}: a caption runs past token {length}, the batch\'s longest '
+                        'according to the caption lengths read when the dataset was opened; the '
+                        'records changed since: reopen the dataset')
+  return {**batch, 'tokens': tokens[:, :length]}
+
+
+def concat_items(batch: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+  """The items of `batch` followed by those of `more` (a step's mined negatives), `tokens`
+  padded with PAD to the longer of the two (each may have been cut to its own length)."""
+  out = {}
+  for k, v in batch.items():
+    w = more[k]
+    if k == 'tokens' and v.shape[1] != w.shape[1]:
+      length = max(v.shape[1], w.shape[1])
+      pad = lambda x: np.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=cap.PAD)
+      v, w = pad(v), pad(w)
+    out[k] = np.concatenate([v, w])
+  return out
 
 
 def _item_order(n: int, train: bool, seed: int, num_epochs: int):
@@ -495,11 +543,14 @@ def train_items(dataset: Dataset, max_len: int) -> np.ndarray:
 
 def mined_batches(dataset: Dataset, plan: Plan, table: np.ndarray, *, epoch: int,
                   start_step: int, max_len: int, image_size: int, seed: int = 0,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+                  process_index: int = 0, process_count: int = 1,
+                  caption_pad_multiple: int = 0) -> grain.MapDataset:
   """This process's mined items for steps start_step.. of `epoch` (0-based) of the train plan
   that `make_batches(..., train=True, seed=seed)` made: per step, the local batch's items' hard
   negatives, `table` (N, n) item rows (mining.NONE: an invalid item), item by item: a batch of b
-  items gets b*n, (item 0's n negatives, item 1's, ...). Concatenated after the step's batch."""
+  items gets b*n, (item 0's n negatives, item 1's, ...). Concatenated after the step's batch
+  (`concat_items`). With `caption_pad_multiple`, tokens are cut as in `make_batches`, to the
+  longest caption among all processes' mined items of the step."""
   import grain  # pylint: disable=import-outside-toplevel
   index = train_items(dataset, max_len)
   n_items, n = len(index), table.shape[1]
@@ -519,8 +570,20 @@ def mined_batches(dataset: Dataset, plan: Plan, table: np.ndarray, *, epoch: int
     return fetch(pair, caption, row >= 0)
 
   steps = plan.steps_per_epoch - start_step
-  return grain.MapDataset.range(steps * local * n).map(
+  ds = grain.MapDataset.range(steps * local * n).map(
       lambda k: load(k + start_step * local * n)).batch(local * n, drop_remainder=True)
+  if caption_pad_multiple:
+    words = _caption_words(dataset.caption_lengths['train'], index)
+
+    def cut(k: int, batch: dict[str, Any]) -> dict[str, Any]:
+      first = epoch * n_items + (start_step + k) * plan.global_batch
+      rows = table[[order[first + i] for i in range(plan.global_batch)]]
+      longest = int(words[np.maximum(rows, 0)].max())
+      return cut_captions(batch, cap.padded_length(longest, caption_pad_multiple, max_len),
+                          dataset.describe())
+
+    ds = ds.map_with_index(cut)
+  return ds
 
 
 def iterate(ds: grain.MapDataset, *, num_threads: int = 4, prefetch: int = 8):
