@@ -8,13 +8,13 @@ position t depend only on tokens 0..t, so this equals the reference's growing-se
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rsicrc_jax import xla_options
 from rsicrc_jax.data import captions as cap
 
 
@@ -29,7 +29,7 @@ def _until_done(step, max_steps: int, carry, done_index: int):
   return carry
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'start_id', 'end_id', 'pad_id',
+@xla_options.inference_jit(static_argnames=('graphdef', 'start_id', 'end_id', 'pad_id',
                                              'max_steps'))
 def _greedy(graphdef, state, img_before, img_after, *, start_id, end_id, pad_id, max_steps):
   model = nnx.merge(graphdef, state)
@@ -135,7 +135,7 @@ def _cached_step(model, token, t, self_kv, cross_kv):
   return dec.project(x)[:, 0], weights, new_kv
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'start_id', 'end_id', 'pad_id',
+@xla_options.inference_jit(static_argnames=('graphdef', 'start_id', 'end_id', 'pad_id',
                                              'max_steps'))
 def _greedy_cached(graphdef, state, img_before, img_after, *, start_id, end_id, pad_id,
                    max_steps):
@@ -180,7 +180,7 @@ def greedy_decode_cached(model: nnx.Module, img_before: jax.Array, img_after: ja
   return out if with_embedding else out[:3]
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'beam_size', 'start_id', 'end_id',
+@xla_options.inference_jit(static_argnames=('graphdef', 'beam_size', 'start_id', 'end_id',
                                              'pad_id', 'max_steps', 'length_penalty'))
 def _beam(graphdef, state, img_before, img_after, *, beam_size, start_id, end_id, pad_id,
           max_steps, length_penalty):

@@ -31,6 +31,7 @@ from rsicrc_jax import decoding
 from rsicrc_jax import losses
 from rsicrc_jax import metrics
 from rsicrc_jax import sharding
+from rsicrc_jax import xla_options
 from rsicrc_jax.data import captions as cap
 from rsicrc_jax.data import pipeline
 
@@ -42,7 +43,7 @@ TYPES = ('loss', 'retrieval', 'caption')
 # ----------------------------------------------------------------------------------------------
 # Embedding and decoding a split (eval mode), data parallel over this process's devices.
 
-@functools.partial(jax.jit, static_argnames='graphdef')
+@xla_options.inference_jit(static_argnames='graphdef')
 def _embed_images(graphdef, state, image_a, image_b):
   m = nnx.merge(graphdef, state)
   a = pipeline.normalize_images(image_a, normalization=m.normalization)

@@ -30,6 +30,7 @@ from rsicrc_jax import optim
 from rsicrc_jax import preemption
 from rsicrc_jax import sharding
 from rsicrc_jax import train_state as ts
+from rsicrc_jax import xla_options
 from rsicrc_jax.checkpointing import TrainingError
 from rsicrc_jax.data import captions as cap
 from rsicrc_jax.data import pipeline
@@ -210,7 +211,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   evals = evaluators.from_config(
       config, dataset, mesh=mesh, process_index=jax.process_index(),
       process_count=jax.process_count(), model_fn=model_fn,
-      loss_step=jax.jit(make_eval_step(graphdef, config), in_shardings=(shardings, batch_sh)))
+      loss_step=xla_options.inference_jit(make_eval_step(graphdef, config),
+                                          in_shardings=(shardings, batch_sh)))
   evaluators.check_best_metric(config, evals)
   if is_main:
     logging.info('data: %s', pipeline.dataset_summary(dataset))

@@ -1,5 +1,7 @@
 """Cached greedy decoding and beam search against the uncached decoder and the reference."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,3 +102,40 @@ def test_decoding_also_gives_the_pair_embedding_of_its_one_image_encoding(model_
   np.testing.assert_array_equal(np.asarray(beam),
                                 np.asarray(decoding.beam_search(model, a, b, beam_size=2)[0]))
   np.testing.assert_allclose(np.asarray(emb), want, rtol=1e-4, atol=1e-5)  # jit vs eager
+
+
+def test_inference_programs_compile_with_the_cpu_option_and_agree_with_plain_jit(
+    model_and_images):
+  """On the CPU, decoding compiles with xla_options.INFERENCE_CPU (YNNPACK given one matmul at a
+  time: faster in eval mode); XLA's default fusion gives the same captions."""
+  from rsicrc_jax import xla_options
+  model, a, b = model_and_images
+  assert jax.default_backend() == 'cpu'
+  tuned = decoding.greedy_decode_cached(model, a, b, with_embedding=True)
+  graphdef, state = nnx.split(model)
+  kw = dict(start_id=1, end_id=3, pad_id=0, max_steps=model.decoder.max_len)
+  plain = decoding._greedy_cached._plain(graphdef, state, a, b, **kw)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(np.asarray(tuned[0]), np.asarray(plain[0]))
+  np.testing.assert_allclose(np.asarray(tuned[3]), np.asarray(plain[3]), rtol=1e-4, atol=1e-5)
+  # What the option does: every fused computation holds one matmul or convolution at most,
+  # where XLA's default fuses several of them (and the layers between) into one.
+  def most_per_fusion(jitted):
+    text = jitted.lower(graphdef, state, a, b, **kw).compile().as_text()
+    return max(len(re.findall(r' (?:dot|convolution)\(', comp))
+               for comp in re.split(r'\n(?=\S)', text) if comp.startswith('%fused'))
+  assert most_per_fusion(decoding._greedy_cached._tuned) == 1  # pylint: disable=protected-access
+  assert most_per_fusion(decoding._greedy_cached._plain) > 1  # pylint: disable=protected-access
+  assert decoding._greedy_cached._tuned_ok  # pylint: disable=protected-access
+  assert xla_options.INFERENCE_CPU == {
+      'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+
+
+def test_inference_jit_falls_back_when_xla_refuses_the_option(monkeypatch, caplog):
+  from rsicrc_jax import xla_options
+  monkeypatch.setattr(xla_options, 'INFERENCE_CPU',
+                      {xla_options.OPTION: 'LIBRARY_FUSION_TYPE_NO_SUCH_TYPE'})
+  double = xla_options.inference_jit(lambda x: 2 * x)
+  np.testing.assert_array_equal(double(jnp.arange(3.0)), [0.0, 2.0, 4.0])
+  assert not double._tuned_ok  # pylint: disable=protected-access
+  assert 'compiles without it' in caplog.text
+  np.testing.assert_array_equal(double(jnp.arange(2.0)), [0.0, 2.0])  # plain from now on
