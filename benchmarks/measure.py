@@ -171,6 +171,12 @@ def random_train_batch(config, batch: int, seed: int = 0) -> dict[str, np.ndarra
           'caption_id': np.arange(batch, dtype=np.int32) % 7}
 
 
+def caption_slots(config, batch: int) -> int:
+  """Caption slots of the benchmarks' batch of `batch` pairs for `config` (its decoder's share
+  of the step depends on them)."""
+  return int(random_train_batch(_step_config(config, batch)[0], batch)['tokens'].shape[1])
+
+
 def _memory_bytes(compiled) -> int | None:
   """Device memory the executable needs (arguments + outputs - donated aliases + temporaries),
   from XLA's buffer assignment."""
@@ -288,6 +294,7 @@ class StepTimer:
             'gflop_compiled': _div(_flops(self.compiled), 1e9),
             'tflops_achieved': _div(flops, dt * 1e12),
             'memory_gb': _gb(_memory_bytes(self.compiled)), 'loss': loss,
+            'caption_slots': int(self.device_batch['tokens'].shape[1]),
             'sys_s_per_step': self.kernel.get('sys_s'),
             'minor_faults_per_step': self.kernel.get('minor_faults'),
             'huge_pages': cli.huge_pages_on()}

@@ -258,9 +258,11 @@ def test_index_killed_and_run_again_has_every_tile_once(model_dir, scene, tmp_pa
   seg_dir = os.path.join(idx_dir, 'segments')
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
-    if os.path.isdir(seg_dir) and len(os.listdir(seg_dir)) >= 3:
+    # Three whole segments (as TileIndex.segments() counts: a .tmp file is one being written).
+    if os.path.isdir(seg_dir) and len([n for n in os.listdir(seg_dir)
+                                       if n.endswith('.npz') and not n.startswith('.')]) >= 3:
       break
-    time.sleep(0.05)
+    time.sleep(0.002)  # a tile takes milliseconds: kill soon after the third
   assert proc.poll() is None, f'finished before it could be killed: {proc.stderr.read()[-2000:]}'
   proc.send_signal(signal.SIGKILL)
   proc.wait()
