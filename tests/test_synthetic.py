@@ -1,7 +1,11 @@
 """The synthetic change-caption dataset: deterministic, grounded captions, visible changes."""
 
 import json
+import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -111,6 +115,40 @@ def test_changes_are_drawn_where_the_captions_say():
     if not scene.changed:
       na, nb = synthetic.render_pair(scene, 64)
       assert np.abs(na.astype(np.float32) - nb).mean() > 1.0
+
+
+def test_render_pairs_on_several_processes_draws_the_same_pixels_in_order():
+  scenes = [synthetic.make_scene(4, 'train', i) for i in range(7)]
+  serial = [synthetic.render_pair(s, 32) for s in scenes]
+  drawn = list(synthetic.render_pairs(scenes, 32, workers=2, chunk=2))
+  assert len(drawn) == len(serial)
+  for (a, b), (sa, sb) in zip(drawn, serial):
+    np.testing.assert_array_equal(a, sa)
+    np.testing.assert_array_equal(b, sb)
+
+
+def test_render_pairs_from_a_script_without_a_main_guard_falls_back_to_this_process(tmp_path):
+  # The spawned workers import the main script; unguarded, it starts a pool again and
+  # multiprocessing stops those workers. The pairs are then drawn in the script's own process.
+  script = tmp_path / 'unguarded.py'
+  script.write_text(textwrap.dedent("""
+      import numpy as np
+      from rsicrc_jax.data import synthetic
+      scenes = [synthetic.make_scene(4, 'val', i) for i in range(5)]
+      drawn = list(synthetic.render_pairs(scenes, 32, workers=2, chunk=1))
+      again = list(synthetic.render_pairs(scenes, 32, workers=2, chunk=1))
+      same = all(np.array_equal(a, s[0]) and np.array_equal(b, s[1]) for (a, b), s in
+                 zip(drawn + again, [synthetic.render_pair(s, 32) for s in scenes] * 2))
+      print('pairs', len(drawn), len(again), 'same', same)
+      """))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+  out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                       timeout=120, check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'pairs 5 5 same True' in out.stdout
+  # One warning: the second call knows the workers cannot start and draws here at once.
+  assert out.stderr.count('the render workers stopped') == 1, out.stderr[-2000:]
+  assert "if __name__ == '__main__':" in out.stderr
 
 
 def test_tiny_builder_and_its_vocabulary(tmp_path):

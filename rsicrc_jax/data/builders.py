@@ -563,6 +563,19 @@ class SyntheticCCBuilder(_CaptionDatasetBuilder, skip_registration=True):
         description='Procedural bi-temporal aerial scenes with grounded change captions.',
     )
 
+  _render_pool = None
+
+  def _download_and_prepare(self, dl_manager, download_config=None):
+    # One pool of render workers for all splits: each spawned worker imports the main script
+    # once (under `tfds build`, TensorFlow: seconds).
+    self._render_pool = synthetic.render_pool()
+    try:
+      return super()._download_and_prepare(dl_manager, download_config)
+    finally:
+      if self._render_pool is not None:
+        self._render_pool.shutdown(wait=True, cancel_futures=True)
+      self._render_pool = None
+
   def _split_generators(self, dl_manager):
     del dl_manager
     cfg = self.builder_config
@@ -586,10 +599,11 @@ class SyntheticCCBuilder(_CaptionDatasetBuilder, skip_registration=True):
             for s, n in sizes.items() if n}
 
   def _generate_examples(self, records, scenes):
-    size = self.builder_config.image_size
-    for rec in records:
+    # Drawn on every core (about 10 ms a picture at 96 px on one), streamed in record order.
+    pictures = synthetic.render_pairs([scenes[r.imgid] for r in records],
+                                      self.builder_config.image_size, pool=self._render_pool)
+    for rec, (image_a, image_b) in zip(records, pictures, strict=True):
       scene = scenes[rec.imgid]
-      image_a, image_b = synthetic.render_pair(scene, size)
       yield rec.imgid, {'image_a': self._store(image_a), 'image_b': self._store(image_b),
                         'scene': json.dumps(
           scene.to_json()), **self._text_features(rec)}

@@ -12,9 +12,14 @@ Everything is a pure function of (seed, split, index): `make_pair` is determinis
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import hashlib
-from typing import Sequence
+import multiprocessing
+import os
+import warnings
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -364,6 +369,61 @@ def render_pair(scene: PairScene, size: int = 96,
   rng = np.random.default_rng(scene.nuisance_seed)
   scale = 1.0 if nuisance else 0.0
   return _nuisance(before, rng, 0.3 * scale), _nuisance(after, rng, scale)
+
+
+def available_cores() -> int:
+  """CPU cores this process may run on (its affinity mask, where the OS has one)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+
+_workers_failed = False  # set when render workers could not start in this process
+
+
+def render_pool(workers: int = 0) -> concurrent.futures.Executor | None:
+  """A pool of `workers` render processes (0: one per available core) to share between
+  `render_pairs` calls, or None where that is one process (or workers failed here before).
+
+  The workers are spawned, not forked (the caller may hold JAX's and TensorFlow's threads), and a
+  spawned process first imports the caller's main script, so a pool is worth keeping across
+  calls. A script whose main code is not under `if __name__ == '__main__':` runs again in each
+  worker, and multiprocessing stops the worker when that code starts another pool;
+  `render_pairs` then draws in this process, with a warning.
+  """
+  workers = workers or available_cores()
+  if workers <= 1 or _workers_failed:
+    return None
+  return concurrent.futures.ProcessPoolExecutor(workers,
+                                                mp_context=multiprocessing.get_context('spawn'))
+
+
+def render_pairs(scenes: Iterable[PairScene], size: int = 96, *,
+                 pool: concurrent.futures.Executor | None = None, workers: int = 0,
+                 chunk: int = 16) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """`render_pair` of each scene, in order, `chunk` scenes per task: in `pool`, or without one
+  in a pool of its own of `workers` processes (0: one per available core; 1: in this process).
+  Drawing is pure Python and numpy, one core at a time, and every pair comes from its own seeds,
+  so the pixels are the same either way. See `render_pool` for the main-script caveat."""
+  global _workers_failed
+  scenes = list(scenes)
+  own = pool is None and len(scenes) > chunk
+  if own:
+    pool = render_pool(min(workers or available_cores(), -(-len(scenes) // max(chunk, 1))))
+  done = 0
+  if pool is not None and not _workers_failed:
+    try:
+      for pair in pool.map(functools.partial(render_pair, size=size), scenes, chunksize=chunk):
+        yield pair
+        done += 1
+    except concurrent.futures.BrokenExecutor as e:
+      _workers_failed = True  # they would fail again: later calls draw here at once
+      warnings.warn(f'synthetic pictures: the render workers stopped ({e}); drawing the other '
+                    f'{len(scenes) - done} pairs in this process. If the main script has no '
+                    "`if __name__ == '__main__':` guard, add one.", RuntimeWarning, stacklevel=2)
+    finally:  # also when the consumer stops early: drop the tasks not started
+      if own:
+        pool.shutdown(wait=True, cancel_futures=True)
+  for scene in scenes[done:]:
+    yield render_pair(scene, size)
 
 
 def make_pair(seed: int, split: str, index: int, size: int = 96,
