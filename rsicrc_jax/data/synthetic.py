@@ -451,12 +451,12 @@ def write_scene_rasters(before_path: str, after_path: str, *, seed: int, rows: i
   truth = []
   with rasterio.open(before_path, 'w', **profile) as fb, \
        rasterio.open(after_path, 'w', **profile) as fa:
-    for r in range(rows):
-      for c in range(cols):
-        scene = make_scene(seed, split, r * cols + c, change_fraction)
-        before, after = render_pair(scene, size)
-        window = rasterio.windows.Window(c * size, r * size, size, size)
-        fb.write(np.moveaxis(before, -1, 0), window=window)
-        fa.write(np.moveaxis(after, -1, 0), window=window)
-        truth.append({'window': [r * size, c * size, size, size], **scene.to_json()})
+    scenes = [make_scene(seed, split, i, change_fraction) for i in range(rows * cols)]
+    for i, (scene, (before, after)) in enumerate(zip(scenes, render_pairs(scenes, size),
+                                                     strict=True)):
+      r, c = divmod(i, cols)
+      window = rasterio.windows.Window(c * size, r * size, size, size)
+      fb.write(np.moveaxis(before, -1, 0), window=window)
+      fa.write(np.moveaxis(after, -1, 0), window=window)
+      truth.append({'window': [r * size, c * size, size, size], **scene.to_json()})
   return truth
