@@ -148,12 +148,12 @@ CHANGE_WORD_COUNTS = {3: 2, 4: 1, 5: 5, 6: 19, 7: 21, 8: 29, 9: 30, 10: 48, 11: 
                       28: 1}
 
 
-def random_train_batch(config, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """A host batch of the pipeline's training shapes: uint8 pictures, half the pairs unchanged
-  (flag -1), `[START] w.. [END] PAD..` captions of LEVIR-CC's lengths (a no-change sentence's,
-  or drawn from its change captions'; at most max_len - 2 words), the caption axis cut as the
-  pipeline cuts it (config.data.caption_pad_multiple)."""
-  s, length, vocab = config.model.image_size, config.model.max_len, config.model.vocab_size
+def random_captions(config, batch: int, seed: int = 0) -> np.ndarray:
+  """(batch, L) int32 `[START] w.. [END] PAD..` captions of LEVIR-CC's lengths: pair i unchanged
+  for even i (a no-change sentence's length), otherwise drawn from its change captions'; at most
+  max_len - 2 words, the caption axis cut as the pipeline cuts it
+  (config.data.caption_pad_multiple)."""
+  length, vocab = config.model.max_len, config.model.vocab_size
   rs = np.random.default_rng(seed)
   unchanged = np.arange(batch) % 2 == 0
   counts, weights = zip(*CHANGE_WORD_COUNTS.items())
@@ -163,18 +163,24 @@ def random_train_batch(config, batch: int, seed: int = 0) -> dict[str, np.ndarra
   for i, n in enumerate(words):
     tokens[i, 0], tokens[i, 1:n + 1], tokens[i, n + 1] = cap.START, rs.integers(4, vocab, n), cap.END
   multiple = int(config.data.get('caption_pad_multiple', 0))
-  tokens = pipeline.cut_captions({'tokens': tokens},
-                                 cap.padded_length(int(words.max()), multiple, length))['tokens']
-  image_a, image_b = _random_pairs(batch, s, seed)
-  return {'image_a': image_a, 'image_b': image_b, 'tokens': tokens,
-          'flag': np.where(unchanged, -1, np.arange(batch)).astype(np.int32),
+  return pipeline.cut_captions({'tokens': tokens},
+                               cap.padded_length(int(words.max()), multiple, length))['tokens']
+
+
+def random_train_batch(config, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A host batch of the pipeline's training shapes: uint8 pictures, half the pairs unchanged
+  (flag -1), captions from `random_captions`."""
+  image_a, image_b = _random_pairs(batch, config.model.image_size, seed)
+  return {'image_a': image_a, 'image_b': image_b,
+          'tokens': random_captions(config, batch, seed),
+          'flag': np.where(np.arange(batch) % 2 == 0, -1, np.arange(batch)).astype(np.int32),
           'caption_id': np.arange(batch, dtype=np.int32) % 7}
 
 
 def caption_slots(config, batch: int) -> int:
   """Caption slots of the benchmarks' batch of `batch` pairs for `config` (its decoder's share
-  of the step depends on them)."""
-  return int(random_train_batch(_step_config(config, batch)[0], batch)['tokens'].shape[1])
+  of the step depends on them), without drawing its pictures."""
+  return int(random_captions(_step_config(config, batch)[0], batch).shape[1])
 
 
 def _memory_bytes(compiled) -> int | None:

@@ -34,10 +34,9 @@ _COUNT_ONLY = flags.DEFINE_bool('count_only', False, 'Only print XLA\'s FLOP cou
                                 'to turn a step time measured elsewhere into MFU.')
 
 
-def _slots(c, batch: int) -> str:
+def _slots(c, slots: int) -> str:
   """The caption slots of the benchmark's batch (LEVIR-CC's caption lengths, cut as training
   cuts them): the decoder's share of the step depends on them."""
-  slots = measure.caption_slots(c, batch)
   return (f'captions in {slots} of {c.model.max_len} slots '
           f'(config.data.caption_pad_multiple={c.data.get("caption_pad_multiple", 0)})')
 
@@ -52,12 +51,13 @@ def main(argv):
     if flops is None:
       raise SystemExit('XLA counted no FLOPs for this step on the CPU backend')
     print(f'{flops / 1e9:.1f} GFLOP per step (XLA, before optimisation): batch {batch}, dtype '
-          f'{dtype}, remat {c.model.remat or "off"}, {c.model.image_size} px, {_slots(c, batch)}')
+          f'{dtype}, remat {c.model.remat or "off"}, {c.model.image_size} px, '
+          f'{_slots(c, measure.caption_slots(c, batch))}')
     return
   r = measure.train_step(c, _BATCH.value or c.batch_size, steps=_STEPS.value)
   dev = jax.devices()[0]
   print(f'{dev.device_kind} x{r["devices"]}: {r["params_m"]:.1f}M params, batch {r["batch"]} at '
-        f'{c.model.image_size} px, dtype {dtype}, {_slots(c, r["batch"])}')
+        f'{c.model.image_size} px, dtype {dtype}, {_slots(c, r["caption_slots"])}')
   achieved = r['tflops_achieved']  # None where XLA counted no FLOPs
   print(f'compile {r["compile_s"]:.1f} s; step {r["step_ms"]:.1f} ms; {r["pairs_per_s"]:.1f} '
         f'pairs/s; {r["gflop_per_step"] or 0:.1f} GFLOP per step (XLA); '
