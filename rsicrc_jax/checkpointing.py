@@ -31,7 +31,8 @@ class TrainingError(RuntimeError):
 # new config field is checked unless it is added here.
 RESUME_IGNORES = (
     'checkpoint', 'log_every_steps', 'final_eval', 'evals', 'eval', 'eval_batch_size',
-    'sharding', 'init', 'data.num_threads', 'data.prefetch', 'data.data_dir',
+    'sharding', 'init', 'data.num_threads', 'data.prefetch', 'data.cache_mb',
+    'data.data_dir',
     'model.remat',  # memory policy: the same numbers
 )
 

@@ -103,6 +103,7 @@ RULES = (
     ('loss.top_k', lambda v: _is_int(v) and (v == -1 or v > 0), '-1 (all) or a positive integer'),
     ('data.num_threads', _positive_int, 'a positive integer'),
     ('data.prefetch', _nonneg_int, 'an integer >= 0'),
+    ('data.cache_mb', _nonneg, 'a number of MB >= 0 (0 = no cache)'),
     ('data.caption_pad_multiple', _nonneg_int, 'an integer >= 0 (0 = pad captions to max_len)'),
 )
 

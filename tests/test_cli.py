@@ -89,15 +89,17 @@ def test_validate_names_every_bad_field():
   c.model.dropout = 1.5
   c.loss.top_k = 0
   c.data.name = 'levir'
+  c.data.cache_mb = -1
   c.model.a_dim = 190  # not a multiple of 4 heads: only reported once the rest is right
   with pytest.raises(ConfigError) as err:
     config_check.validate(c)
   assert str(err.value) == (
       "config.model.dropout=1.5: expected a number in [0, 1); config.loss.top_k=0: expected -1 "
-      "(all) or a positive integer; config.data.name='levir': unknown dataset 'levir', expected "
+      "(all) or a positive integer; config.data.cache_mb=-1: expected a number of MB >= 0 (0 "
+      "= no cache); config.data.name='levir': unknown dataset 'levir', expected "
       "one of ['levir_cc', 'levir_mci', 'whu_cdc', 'dubai_cc', 'second_cc', 'change_captions', "
       "'synthetic_cc'], or several as \"levir_cc:3,whu_cdc:1\"")
-  c.model.dropout, c.loss.top_k, c.data.name = 0.1, -1, 'synthetic_cc'
+  c.model.dropout, c.loss.top_k, c.data.name, c.data.cache_mb = 0.1, -1, 'synthetic_cc', 0
   with pytest.raises(ConfigError, match=r'config.model.a_dim=190: expected a multiple of '
                      r'config.model.num_heads=4'):
     config_check.validate(c)

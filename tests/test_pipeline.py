@@ -186,6 +186,80 @@ def test_eval_batches_pad_with_invalid_items_and_carry_references(tiny):
     np.testing.assert_array_equal(toks, first)  # the first caption is the text input
 
 
+def _counting_reads(dataset, monkeypatch):
+  """Counts the records `dataset` reads from disk, per (split, pair)."""
+  reads = collections.Counter()
+  as_data_source = dataset.builder.as_data_source
+
+  class Counting:
+    def __init__(self, split):
+      self.split, self.source = split, as_data_source(split)
+
+    def __len__(self):
+      return len(self.source)
+
+    def __getitem__(self, pair):
+      reads[self.split, int(pair)] += 1
+      return self.source[pair]
+
+  monkeypatch.setattr(dataset.builder, 'as_data_source', Counting)
+  return reads
+
+
+def _same_batches(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_record_cache_reads_each_record_once_and_changes_no_batch(tiny, monkeypatch):
+  cfg = {**tiny_synthetic_cfg(tiny.builder.data_dir_root), 'cache_mb': 64}
+  cached = pipeline.open_dataset(cfg)
+  assert tiny.cache is None and cached.cache is not None
+  reads = _counting_reads(cached, monkeypatch)
+  kw = dict(global_batch=8, max_len=41, image_size=64, train=True, seed=3, num_epochs=2)
+  plain, plan = pipeline.make_batches(tiny, 'train', **kw)
+  through_cache, _ = pipeline.make_batches(cached, 'train', **kw)
+  assert plan.num_items == 200  # 40 pairs x 5 captions, twice
+  # Read in order (no threads): 400 items over two epochs, 40 pairs, each read from disk once.
+  _same_batches([through_cache[s] for s in range(len(through_cache))],
+                [plain[s] for s in range(len(plain))])
+  assert sorted(reads) == [('train', p) for p in range(40)] and set(reads.values()) == {1}
+  again = list(pipeline.iterate(pipeline.make_batches(cached, 'train', **kw)[0], num_threads=4))
+  _same_batches(again, list(plain))
+  assert set(reads.values()) == {1} and len(cached.cache) == 40  # all from memory
+  # Evaluation batches (another split, references) come through the same cache.
+  ev = dict(global_batch=5, max_len=41, image_size=64, train=False, with_references=True)
+  _same_batches(list(pipeline.make_batches(cached, 'val', **ev)[0]),
+                list(pipeline.make_batches(tiny, 'val', **ev)[0]))
+  assert len(cached.cache) == 40 + 12
+  # The kept pictures cannot be written through an item; the batches' arrays are their own.
+  rec = cached.reader('train', 64)(0)
+  assert not rec['image_a'].flags.writeable
+  with pytest.raises(ValueError, match='read-only'):
+    rec['image_a'][0, 0, 0] = 1
+  assert through_cache[0]['image_a'].flags.writeable
+
+
+def test_record_cache_keeps_the_first_records_that_fit_its_budget(tiny, monkeypatch):
+  one = sum(v.nbytes for v in pipeline.Dataset.reader(tiny, 'train', 64)(0).values()
+            if isinstance(v, np.ndarray))
+  assert one >= 2 * 64 * 64 * 3  # the two pictures at the model's size
+  cfg = {**tiny_synthetic_cfg(tiny.builder.data_dir_root), 'cache_mb': 10.5 * one / 2**20}
+  cached = pipeline.open_dataset(cfg)
+  reads = _counting_reads(cached, monkeypatch)
+  kw = dict(global_batch=8, max_len=41, image_size=64, train=True, seed=3, num_epochs=2)
+  through_cache, plan = pipeline.make_batches(cached, 'train', **kw)
+  plain, _ = pipeline.make_batches(tiny, 'train', **kw)
+  _same_batches([through_cache[s] for s in range(plan.num_steps)],
+                [plain[s] for s in range(plan.num_steps)])
+  assert len(cached.cache) == 10 and cached.cache.used <= cached.cache.budget
+  # The first ten pairs read were kept and read once; the other 30 once per caption per epoch.
+  assert sorted(reads.values()) == [1] * 10 + [10] * 30
+
+
 def test_user_vocabulary_file_replaces_the_built_one(tiny, tmp_path):
   words = sorted(w for w in tiny.vocab if w not in cap.SPECIAL_TOKENS)[:5]
   vocab = {**cap.SPECIAL_TOKENS, **{w: i + 4 for i, w in enumerate(words)}}
