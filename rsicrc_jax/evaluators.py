@@ -349,23 +349,39 @@ class LossEvaluator(Evaluator):
 
 
 class _ModelEvaluator(Evaluator):
-  """Runs the eval-mode model of the state over the split (on every process, each whole)."""
+  """Runs the eval-mode model of the state over the split (on every process, each whole).
+
+  Evaluators due at the same step share a pass over the split through `runs` (one dict for all
+  of `from_config`'s evaluators): a captioning run also holds the pair and text embeddings, so
+  retrieval on the same pairs scores those, as `python -m rsicrc_jax.eval` does, instead of
+  running the image encoder again."""
 
   decode = False
 
   def __init__(self, name, entry, config, dataset, *, model_fn: Callable, process_index: int,
-               **_):
+               runs: dict | None = None, **_):
     super().__init__(name, entry, config, dataset)
     self.model_fn, self.process_index = model_fn, process_index
+    self.runs = {} if runs is None else runs
 
   def _run_model(self, state):
+    c, e = self.config, self.entry
+    decoding = (e.get('beam_size', 1), e.get('length_penalty', 0.0)) if self.decode else None
+    key = (self.dataset.name, self.split, e.get('max_pairs', 0))
+    step = int(jax.device_get(state.step))
+    if key in self.runs:
+      at, made_by, run = self.runs[key]
+      if at == step and (decoding is None or made_by == decoding):
+        return run
     model = self.model_fn(state)
     model.eval()
-    c, e = self.config, self.entry
-    return run_model(model, self.dataset, self.split, c,
-                     batch_size=c.eval_batch_size or c.batch_size, decode=self.decode,
-                     beam_size=e.get('beam_size', 1), length_penalty=e.get('length_penalty', 0.0),
-                     max_pairs=e.get('max_pairs', 0), progress=self.process_index == 0)
+    run = run_model(model, self.dataset, self.split, c,
+                    batch_size=c.eval_batch_size or c.batch_size, decode=self.decode,
+                    beam_size=e.get('beam_size', 1), length_penalty=e.get('length_penalty', 0.0),
+                    max_pairs=e.get('max_pairs', 0), progress=self.process_index == 0)
+    self.runs.clear()  # only this step's runs are worth keeping
+    self.runs[key] = (step, decoding, run)
+    return run
 
 
 class RetrievalEvaluator(_ModelEvaluator):
@@ -472,11 +488,14 @@ def from_config(config, dataset, **kwargs) -> list[Evaluator]:
   """One Evaluator per `config.evals` entry (over a mixture: one per entry and member dataset,
   `PerDataset`). kwargs: loss_step (jitted (state, batch) -> losses), model_fn (state -> model),
   mesh, process_index, process_count."""
-  evals = []
-  for name, entry in sorted(config.get('evals', {}).items()):
+  evals, runs = [], {}
+  # Captioning entries first, so that retrieval due at the same step scores their runs.
+  entries = sorted(config.get('evals', {}).items(),
+                   key=lambda kv: (kv[1].get('type') != 'caption', kv[0]))
+  for name, entry in entries:
     check_entry(name, entry)
     cls = PerDataset if len(dataset.members) > 1 else _CLASSES[entry['type']]
-    evals.append(cls(name, entry, config, dataset, **kwargs))
+    evals.append(cls(name, entry, config, dataset, runs=runs, **kwargs))
   return evals
 
 
