@@ -379,7 +379,8 @@ class _ModelEvaluator(Evaluator):
                     batch_size=c.eval_batch_size or c.batch_size, decode=self.decode,
                     beam_size=e.get('beam_size', 1), length_penalty=e.get('length_penalty', 0.0),
                     max_pairs=e.get('max_pairs', 0), progress=self.process_index == 0)
-    self.runs.clear()  # only this step's runs are worth keeping
+    for stale in [k for k, (at, _, _) in self.runs.items() if at != step]:
+      del self.runs[stale]  # only this step's runs are worth keeping
     self.runs[key] = (step, decoding, run)
     return run
 

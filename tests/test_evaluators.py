@@ -32,6 +32,7 @@ def test_evaluators_due_at_one_step_share_one_pass_over_the_split(monkeypatch):
   assert calls == [('val', True, 1)]
   by_name['test_retrieval']._run_model(state)  # another split: its own pass
   assert calls[-1] == ('test', False, 1)
+  assert retrieval._run_model(state) is run and len(calls) == 2  # val's run is kept beside it
   later = types.SimpleNamespace(step=jnp.asarray(20))
   assert retrieval._run_model(later) is not run  # a later step: the model changed
   assert calls[-1] == ('val', False, 1)
