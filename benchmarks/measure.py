@@ -148,6 +148,11 @@ CHANGE_WORD_COUNTS = {3: 2, 4: 1, 5: 5, 6: 19, 7: 21, 8: 29, 9: 30, 10: 48, 11: 
                       28: 1}
 
 
+def _unchanged(batch: int) -> np.ndarray:
+  """The benchmark batch's no-change pairs: the even ones."""
+  return np.arange(batch) % 2 == 0
+
+
 def random_captions(config, batch: int, seed: int = 0) -> np.ndarray:
   """(batch, L) int32 `[START] w.. [END] PAD..` captions of LEVIR-CC's lengths: pair i unchanged
   for even i (a no-change sentence's length), otherwise drawn from its change captions'; at most
@@ -155,7 +160,7 @@ def random_captions(config, batch: int, seed: int = 0) -> np.ndarray:
   (config.data.caption_pad_multiple)."""
   length, vocab = config.model.max_len, config.model.vocab_size
   rs = np.random.default_rng(seed)
-  unchanged = np.arange(batch) % 2 == 0
+  unchanged = _unchanged(batch)
   counts, weights = zip(*CHANGE_WORD_COUNTS.items())
   drawn = rs.choice(counts, size=batch, p=np.asarray(weights) / sum(weights))
   words = np.where(unchanged, np.resize(NO_CHANGE_WORDS, batch), drawn).clip(1, length - 2)
@@ -173,7 +178,7 @@ def random_train_batch(config, batch: int, seed: int = 0) -> dict[str, np.ndarra
   image_a, image_b = _random_pairs(batch, config.model.image_size, seed)
   return {'image_a': image_a, 'image_b': image_b,
           'tokens': random_captions(config, batch, seed),
-          'flag': np.where(np.arange(batch) % 2 == 0, -1, np.arange(batch)).astype(np.int32),
+          'flag': np.where(_unchanged(batch), -1, np.arange(batch)).astype(np.int32),
           'caption_id': np.arange(batch, dtype=np.int32) % 7}
 
 

@@ -366,8 +366,10 @@ class _ModelEvaluator(Evaluator):
 
   def _run_model(self, state):
     c, e = self.config, self.entry
-    decoding = (e.get('beam_size', 1), e.get('length_penalty', 0.0)) if self.decode else None
-    key = (self.dataset.name, self.split, e.get('max_pairs', 0))
+    beam_size, length_penalty, max_pairs = (e.get('beam_size', 1), e.get('length_penalty', 0.0),
+                                            e.get('max_pairs', 0))
+    decoding = (beam_size, length_penalty) if self.decode else None
+    key = (self.dataset.name, self.split, max_pairs)
     step = int(jax.device_get(state.step))
     if key in self.runs:
       at, made_by, run = self.runs[key]
@@ -377,8 +379,8 @@ class _ModelEvaluator(Evaluator):
     model.eval()
     run = run_model(model, self.dataset, self.split, c,
                     batch_size=c.eval_batch_size or c.batch_size, decode=self.decode,
-                    beam_size=e.get('beam_size', 1), length_penalty=e.get('length_penalty', 0.0),
-                    max_pairs=e.get('max_pairs', 0), progress=self.process_index == 0)
+                    beam_size=beam_size, length_penalty=length_penalty, max_pairs=max_pairs,
+                    progress=self.process_index == 0)
     for stale in [k for k, (at, _, _) in self.runs.items() if at != step]:
       del self.runs[stale]  # only this step's runs are worth keeping
     self.runs[key] = (step, decoding, run)
