@@ -157,11 +157,14 @@ def _evaluate_dataset(model, dataset, config, e, checkpoint: str, out_dir: str,
   """Scores one dataset's split with the eval settings `e` and writes metrics.json, metrics.md,
   captions.jsonl and figures into out_dir."""
   os.makedirs(out_dir, exist_ok=True)
-  run = evaluators.run_model(model, dataset, e.split, config, batch_size=e.batch_size,
-                             beam_size=e.beam_size, length_penalty=e.length_penalty,
-                             max_pairs=e.max_pairs, progress=progress)
-  protocol = e.caption_protocol
-  results, notes = evaluators.score(run, config.loss, meteor=e.meteor, protocol=protocol)
+  # METEOR's Java process loads (about 5 s) while the model runs; both subsets score with it.
+  with metrics.meteor_scorer(e.meteor) as scorer:
+    run = evaluators.run_model(model, dataset, e.split, config, batch_size=e.batch_size,
+                               beam_size=e.beam_size, length_penalty=e.length_penalty,
+                               max_pairs=e.max_pairs, progress=progress)
+    protocol = e.caption_protocol
+    results, notes = evaluators.score(run, config.loss, meteor=e.meteor, protocol=protocol,
+                                      scorer=scorer)
   report = {'checkpoint': os.path.abspath(checkpoint), 'dataset': dataset.name, 'split': e.split,
             'decoding': {'beam_size': e.beam_size, 'length_penalty': e.length_penalty},
             'caption_protocol': protocol,

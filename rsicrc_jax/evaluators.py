@@ -18,6 +18,7 @@ A config entry (`config.evals.<name>`):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, Iterable
 
@@ -188,20 +189,24 @@ def _subsets(run) -> Iterable[tuple[str, np.ndarray]]:
     yield name, np.flatnonzero(sel)
 
 
-def caption_scores(run, *, meteor: bool = True,
-                   protocol: str = 'reference') -> tuple[dict, list[str]]:
+def caption_scores(run, *, meteor: bool = True, protocol: str = 'reference',
+                   scorer: Any = None) -> tuple[dict, list[str]]:
   """{subset: {'pairs', 'captioning': {BLEU-1.., CIDEr-D}}} and notes (e.g. METEOR skipped),
-  scored under `protocol` (metrics.CAPTION_PROTOCOLS)."""
-  results, notes = {}, []
-  for name, idx in _subsets(run):
-    if not len(idx):
-      notes.append(f'{name}: no pairs')
-      continue
-    scores, more = metrics.caption_metrics([run['hypothesis'][i] for i in idx],
-                                           [run['references'][i] for i in idx], meteor=meteor,
-                                           protocol=protocol)
-    notes += [n for n in more if n not in notes]
-    results[name] = {'pairs': int(len(idx)), 'captioning': scores}
+  scored under `protocol` (metrics.CAPTION_PROTOCOLS). The subsets share one METEOR process:
+  `scorer` (metrics.meteor_scorer) when given, else one started here."""
+  with contextlib.ExitStack() as stack:
+    if meteor and scorer is None:
+      scorer = stack.enter_context(metrics.meteor_scorer())
+    results, notes = {}, []
+    for name, idx in _subsets(run):
+      if not len(idx):
+        notes.append(f'{name}: no pairs')
+        continue
+      scores, more = metrics.caption_metrics([run['hypothesis'][i] for i in idx],
+                                             [run['references'][i] for i in idx],
+                                             meteor=meteor, protocol=protocol, scorer=scorer)
+      notes += [n for n in more if n not in notes]
+      results[name] = {'pairs': int(len(idx)), 'captioning': scores}
   return results, notes
 
 
@@ -237,10 +242,11 @@ def retrieval_scores(run, loss_cfg) -> dict:
   return results
 
 
-def score(run, loss_cfg, *, meteor: bool = True,
-          protocol: str = 'reference') -> tuple[dict, list[str]]:
-  """Captioning and retrieval, per subset, as eval's metrics.json holds them."""
-  caps, notes = caption_scores(run, meteor=meteor, protocol=protocol)
+def score(run, loss_cfg, *, meteor: bool = True, protocol: str = 'reference',
+          scorer: Any = None) -> tuple[dict, list[str]]:
+  """Captioning and retrieval, per subset, as eval's metrics.json holds them (`scorer`: see
+  caption_scores)."""
+  caps, notes = caption_scores(run, meteor=meteor, protocol=protocol, scorer=scorer)
   results = {}
   for name, r in retrieval_scores(run, loss_cfg).items():
     results[name] = {**r, **caps.get(name, {})}

@@ -5,9 +5,10 @@ Pure functions of arrays and strings; no I/O besides pycocoevalcap's own METEOR 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import string
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -36,13 +37,33 @@ def java_available() -> bool:
   return shutil.which('java') is not None
 
 
+@contextlib.contextmanager
+def meteor_scorer(enabled: bool = True) -> Iterator[Any]:
+  """pycocoevalcap's METEOR scorer, started on entry and stopped on exit, for `caption_metrics`
+  calls to share: its Java process takes about 5 s to start and load its tables, then about 1 ms
+  a caption, and it loads in the background, so entering this before other work (running the
+  model) hides that start. Yields None when not `enabled` or when no `java` is on PATH."""
+  if not (enabled and java_available()):
+    yield None
+    return
+  from pycocoevalcap.meteor.meteor import Meteor  # pylint: disable=import-outside-toplevel
+  scorer = Meteor()
+  try:
+    yield scorer
+  finally:
+    # pycocoevalcap's Meteor stops its process in __del__ (it has no close(), and calling it
+    # twice is harmless): stop it now, not whenever the caller drops its last reference.
+    (getattr(scorer, 'close', None) or scorer.__del__)()
+
+
 def caption_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]], *,
-                    meteor: bool = True,
-                    protocol: str = 'reference') -> tuple[dict[str, float], list[str]]:
+                    meteor: bool = True, protocol: str = 'reference',
+                    scorer: Any = None) -> tuple[dict[str, float], list[str]]:
   """BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (coco-caption definitions) of one hypothesis per
   item against its references, strings split on whitespace after `normalise_caption(protocol)`
-  ('reference': as the RSICRC code, no change). Returns (scores, notes); a note says why METEOR
-  is missing, if it is."""
+  ('reference': as the RSICRC code, no change). METEOR uses `scorer` (from `meteor_scorer`)
+  when given, else starts its own. Returns (scores, notes); a note says why METEOR is missing,
+  if it is."""
   from pycocoevalcap.bleu.bleu import Bleu  # pylint: disable=import-outside-toplevel
   from pycocoevalcap.cider.cider import Cider  # pylint: disable=import-outside-toplevel
   from pycocoevalcap.rouge.rouge import Rouge  # pylint: disable=import-outside-toplevel
@@ -54,13 +75,11 @@ def caption_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str
   scores, notes = {}, []
   bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
   scores.update({f'BLEU-{n + 1}': float(b) for n, b in enumerate(bleu)})
-  if meteor and java_available():
-    from pycocoevalcap.meteor.meteor import Meteor  # pylint: disable=import-outside-toplevel
-    scorer = Meteor()
-    try:
-      scores['METEOR'] = float(scorer.compute_score(gts, res)[0])
-    finally:
-      scorer.close() if hasattr(scorer, 'close') else None
+  if meteor and scorer is not None:
+    scores['METEOR'] = float(scorer.compute_score(gts, res)[0])
+  elif meteor and java_available():
+    with meteor_scorer() as own:
+      scores['METEOR'] = float(own.compute_score(gts, res)[0])
   elif meteor:
     notes.append('METEOR skipped: it runs a Java program and no `java` is on PATH (install a '
                  'JRE, e.g. `apt-get install default-jre-headless`)')

@@ -47,6 +47,38 @@ def test_meteor_runs_with_java_or_says_why_not(monkeypatch):
   assert 'METEOR skipped' in notes[0] and 'java' in notes[0]
 
 
+def test_subsets_share_one_meteor_process_and_score_as_alone(monkeypatch):
+  if not metrics.java_available():
+    pytest.skip('METEOR runs Java and no `java` is on PATH')
+  from pycocoevalcap.meteor import meteor as pycoco_meteor
+  from rsicrc_jax import evaluators
+  started = []
+
+  class Counted(pycoco_meteor.Meteor):
+    def __init__(self):
+      super().__init__()
+      started.append(self)
+
+  monkeypatch.setattr(pycoco_meteor, 'Meteor', Counted)
+  run = {'hypothesis': HYPS, 'references': REFS, 'flag': np.array([0, -1, 1, 2])}
+  results, notes = evaluators.caption_scores(run)
+  assert len(started) == 1 and notes == []
+  assert started[0].meteor_p.poll() is not None  # stopped on return, not at collection
+  for name, idx in (('all', [0, 1, 2, 3]), ('changed', [0, 2, 3])):
+    alone, _ = metrics.caption_metrics([HYPS[i] for i in idx], [REFS[i] for i in idx])
+    assert results[name]['pairs'] == len(idx)
+    assert results[name]['captioning'] == alone
+  assert len(started) == 3  # each call alone started its own
+  # A scorer given by the caller is used and left running for its next call.
+  with metrics.meteor_scorer() as scorer:
+    again, _ = metrics.caption_metrics(HYPS, REFS, scorer=scorer)
+    assert scorer.meteor_p.poll() is None
+  assert again == results['all']['captioning'] and len(started) == 4
+  assert scorer.meteor_p.poll() is not None
+  with metrics.meteor_scorer(enabled=False) as none:
+    assert none is None
+
+
 def plain_retrieval(text, visual, relevant, ks):
   """The reference's loop: rank the index for each query, count hits."""
   text = text / np.linalg.norm(text, axis=1, keepdims=True)
