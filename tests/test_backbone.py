@@ -323,3 +323,31 @@ def test_full_resnet_matches_torchvision(name):
   out = nnx.jit(lambda m, x: m(x))(net, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
   assert out.shape == (1, 8, 8, 2048)
   assert_close(out, feat.numpy().transpose(0, 2, 3, 1), rtol=1e-4, name=f'{name} features')
+
+
+def test_batchnorm_against_float64_pytorch_semantics():
+  """Train mode normalises by the biased batch variance and moves the running variance by the
+  unbiased one (PyTorch's rule); eval mode uses the running statistics. Checked in float64 on
+  activations whose mean is 30 standard deviations from 0, where computing y as x * a + b (a, b
+  per channel, as PyTorch's CPU kernel does) loses the most to cancellation."""
+  from rsicrc_jax.models.layers import BatchNorm
+  rng = np.random.default_rng(0)
+  x = (30.0 + rng.standard_normal((4, 5, 5, 3)) * np.array([1.0, 0.5, 2.0])).astype(np.float32)
+  scale, bias = np.array([1.5, -0.7, 0.2]), np.array([0.1, 2.0, -3.0])
+  bn = BatchNorm(3)
+  bn.scale[...], bn.bias[...] = jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32)
+  bn.use_running_average = False
+  y = np.asarray(bn(jnp.asarray(x)), np.float64)
+
+  x64 = x.astype(np.float64).reshape(-1, 3)
+  mean, var = x64.mean(0), x64.var(0)
+  expected = ((x64 - mean) / np.sqrt(var + 1e-5) * scale + bias).reshape(x.shape)
+  np.testing.assert_allclose(y, expected, atol=4e-5)  # float32: ~1.4e-5 here
+  running_mean, running_var = 0.1 * mean, 0.9 + 0.1 * x64.var(0, ddof=1)
+  np.testing.assert_allclose(bn.mean[...], running_mean, rtol=1e-6)
+  np.testing.assert_allclose(bn.var[...], running_var, rtol=1e-6)
+
+  bn.use_running_average = True
+  y = np.asarray(bn(jnp.asarray(x)), np.float64)
+  expected = (x64 - running_mean) / np.sqrt(running_var + 1e-5) * scale + bias
+  np.testing.assert_allclose(y, expected.reshape(x.shape), atol=4e-5)
