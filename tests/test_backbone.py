@@ -325,60 +325,71 @@ def test_full_resnet_matches_torchvision(name):
   assert_close(out, feat.numpy().transpose(0, 2, 3, 1), rtol=1e-4, name=f'{name} features')
 
 
+
+# BatchNorm inputs whose mean is 30 standard deviations from 0 (where float32 loses the most),
+# three channels with their own spread, and per-channel affine parameters.
+BN_SCALE, BN_BIAS = np.array([1.5, -0.7, 0.2]), np.array([0.1, 2.0, -3.0])
+
+
+def _far_from_zero(seed, shape):
+  rng = np.random.default_rng(seed)
+  return rng, (30.0 + rng.standard_normal(shape) * np.array([1.0, 0.5, 2.0])).astype(np.float32)
+
+
+def _bn_with(scale, bias, **kwargs):
+  from rsicrc_jax.models.layers import BatchNorm
+  bn = BatchNorm(3, **kwargs)
+  bn.scale.set_value(jnp.asarray(scale, jnp.float32))
+  bn.bias.set_value(jnp.asarray(bias, jnp.float32))
+  return bn
+
+
+def _normalise64(x, mean, var, scale=BN_SCALE, bias=BN_BIAS):
+  """(rows, 3) float64: PyTorch's BatchNorm formula with the given statistics."""
+  return (x - mean) / np.sqrt(var + 1e-5) * scale + bias
+
+
 def test_batchnorm_against_float64_pytorch_semantics():
   """Train mode normalises by the biased batch variance and moves the running variance by the
-  unbiased one (PyTorch's rule); eval mode uses the running statistics. Checked in float64 on
-  activations whose mean is 30 standard deviations from 0, where float32 loses the most."""
-  from rsicrc_jax.models.layers import BatchNorm
-  rng = np.random.default_rng(0)
-  x = (30.0 + rng.standard_normal((4, 5, 5, 3)) * np.array([1.0, 0.5, 2.0])).astype(np.float32)
-  scale, bias = np.array([1.5, -0.7, 0.2]), np.array([0.1, 2.0, -3.0])
-  bn = BatchNorm(3)
-  bn.scale[...], bn.bias[...] = jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32)
-  bn.use_running_average = False
+  unbiased one (PyTorch's rule); eval mode uses the running statistics."""
+  _, x = _far_from_zero(0, (4, 5, 5, 3))
+  bn = _bn_with(BN_SCALE, BN_BIAS, use_running_average=False)
   y = np.asarray(bn(jnp.asarray(x)), np.float64)
 
   x64 = x.astype(np.float64).reshape(-1, 3)
   mean, var = x64.mean(0), x64.var(0)
-  expected = ((x64 - mean) / np.sqrt(var + 1e-5) * scale + bias).reshape(x.shape)
-  np.testing.assert_allclose(y, expected, atol=4e-5)  # float32: ~1.4e-5 here
+  np.testing.assert_allclose(y, _normalise64(x64, mean, var).reshape(x.shape),
+                             atol=4e-5)  # float32: ~1.3e-5 here
   running_mean, running_var = 0.1 * mean, 0.9 + 0.1 * x64.var(0, ddof=1)
   np.testing.assert_allclose(bn.mean[...], running_mean, rtol=1e-6)
   np.testing.assert_allclose(bn.var[...], running_var, rtol=1e-6)
 
   bn.use_running_average = True
   y = np.asarray(bn(jnp.asarray(x)), np.float64)
-  expected = (x64 - running_mean) / np.sqrt(running_var + 1e-5) * scale + bias
+  expected = _normalise64(x64, running_mean, running_var)
   np.testing.assert_allclose(y, expected.reshape(x.shape), atol=4e-5)
 
 
 def test_batchnorm_train_gradients_against_float64():
-  """The train-mode backward (PyTorch's centred closed form) on activations 30 standard
-  deviations from 0, against float64: the scale and bias gradients, and the input gradient
-  (the closed form in float64, itself checked by central differences of the forward).
-  Computing y as x * a + b (a, b per channel, PyTorch's forward) and differentiating that
-  misses these bounds ~8x: the scale's gradient becomes sum(dy * x) - mean * sum(dy)."""
-  from rsicrc_jax.models.layers import BatchNorm
-
-  def batch_norm_train(x, scale, bias, epsilon):
-    bn = BatchNorm(3, epsilon=epsilon, use_running_average=False)
-    bn.scale.set_value(scale)
-    bn.bias.set_value(bias)
-    return bn(x)
-  rng = np.random.default_rng(1)
-  x = (30.0 + rng.standard_normal((8, 4, 4, 3)) * np.array([1.0, 0.5, 2.0])).astype(np.float32)
+  """The train-mode backward on the same far-from-zero activations, against float64: the scale
+  and bias gradients, and the input gradient (PyTorch's closed form in float64, itself checked
+  by central differences of the forward). Computing y as x * a + b (a, b per channel, PyTorch's
+  forward) and differentiating that misses these bounds ~8x: the scale's gradient becomes
+  sum(dy * x) - mean * sum(dy)."""
+  rng, x = _far_from_zero(1, (8, 4, 4, 3))
   w = rng.standard_normal(x.shape)  # dL/dy for L = sum(y * w)
-  scale, bias = np.array([1.5, -0.7, 0.2]), np.array([0.1, 2.0, -3.0])
-  loss = lambda x, s, b: jnp.sum(batch_norm_train(x, s, b, 1e-5) * w.astype(np.float32))
+
+  def loss(x, scale, bias):
+    return jnp.sum(_bn_with(scale, bias, use_running_average=False)(x) * w.astype(np.float32))
   gx, gs, gb = jax.grad(loss, argnums=(0, 1, 2))(
-      jnp.asarray(x), jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32))
+      jnp.asarray(x), jnp.asarray(BN_SCALE, jnp.float32), jnp.asarray(BN_BIAS, jnp.float32))
 
   x64, w64 = x.astype(np.float64).reshape(-1, 3), w.reshape(-1, 3)
   invstd = 1 / np.sqrt(x64.var(0) + 1e-5)
   xhat = (x64 - x64.mean(0)) * invstd
-  dy = w64 * scale
+  dy = w64 * BN_SCALE
   want_x = (invstd * (dy - dy.mean(0) - xhat * (dy * xhat).mean(0))).reshape(x.shape)
-  loss64 = lambda x: np.sum((((x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)) * scale + bias) * w64)
+  loss64 = lambda x: np.sum(_normalise64(x, x.mean(0), x.var(0)) * w64)
   for idx in [(0, 0), (37, 1), (127, 2), (90, 2)]:
     h = np.zeros_like(x64)
     h[idx] = 1e-5
