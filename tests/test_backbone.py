@@ -325,7 +325,6 @@ def test_full_resnet_matches_torchvision(name):
   assert_close(out, feat.numpy().transpose(0, 2, 3, 1), rtol=1e-4, name=f'{name} features')
 
 
-
 # BatchNorm inputs whose mean is 30 standard deviations from 0 (where float32 loses the most),
 # three channels with their own spread, and per-channel affine parameters.
 BN_SCALE, BN_BIAS = np.array([1.5, -0.7, 0.2]), np.array([0.1, 2.0, -3.0])

@@ -31,11 +31,11 @@ class BatchNorm(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)  # statistics and normalisation in float32 whatever the compute dtype
     if self.use_running_average:
       mean, var = self.mean.get_value(), self.var.get_value()
     else:
       axes = tuple(range(x.ndim - 1))
-      xf = x.astype(jnp.float32)
       mean = xf.mean(axes)
       var = jnp.square(xf - mean).mean(axes)
       n = x.size // x.shape[-1]
@@ -48,7 +48,7 @@ class BatchNorm(nnx.Module):
     # (XLA:CPU materialises each for YNNPACK). Centring first keeps the textbook's accuracy;
     # folding the mean into the shift too (PyTorch's CPU `x * a + b`) cancels when |mean| >> std.
     a = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
-    y = (x.astype(jnp.float32) - mean) * a + self.bias[...]
+    y = (xf - mean) * a + self.bias[...]
     return y.astype(self.dtype or x.dtype)
 
 
