@@ -219,14 +219,13 @@ def compiled_step(config, batch: int):
   mesh = sharding.make_mesh(config)
   sh = sharding.state_sharding(state, mesh, config.sharding.fsdp)
   state = jax.device_put(state, sh)
-  step_fn = train.make_train_step(graphdef, config, opt)
-  step = jax.jit(step_fn, in_shardings=(sh, sharding.batch_sharding(mesh)),
-                 out_shardings=(sh, None), donate_argnums=0)
+  step = train.jit_train_step(graphdef, config, opt, sh, sharding.batch_sharding(mesh))
   device_batch = sharding.global_batch(random_train_batch(config, batch), mesh)
   t = time.perf_counter()
   compiled = step.lower(state, device_batch).compile()
   compile_s = time.perf_counter() - t
-  return compiled, state, device_batch, compile_s, model_flops(step_fn, state, device_batch)
+  return compiled, state, device_batch, compile_s, model_flops(
+      train.make_train_step(graphdef, config, opt), state, device_batch)
 
 
 def model_flops(fn, *args) -> float | None:

@@ -271,6 +271,39 @@ def test_remat_recomputes_the_same_step(one_tiny_step):
       np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6, err_msg=part)
 
 
+def test_launched_step_copies_no_donated_parameter_and_trains_the_same(one_tiny_step):
+  """train.jit_train_step, the step launch.py runs, compiles on the CPU with
+  xla_options.TRAIN_CPU: with region analysis, XLA's copy insertion writes each new parameter
+  into its donated buffer without first copying the old one, as XLA's default does for every
+  parameter. The step's losses and new state are those of a plain jit of the same step."""
+  import jax
+  from rsicrc_jax import sharding, xla_options
+  _, plain, aux = one_tiny_step
+  c, opt, graphdef, state = _tiny_setup()
+  mesh = sharding.make_mesh(c)
+  state_sh = sharding.state_sharding(state, mesh, False)
+  step = train.jit_train_step(graphdef, c, opt, state_sh, sharding.batch_sharding(mesh))
+  batch = sharding.global_batch(_tiny_batch(c), mesh)
+
+  def parameter_copies(jitted):
+    text = jitted.lower(state, batch).compile().as_text()
+    return len(re.findall(r'= \S+ copy\(%state_params', text[text.index('\nENTRY'):]))
+
+  assert step.cpu_options == xla_options.TRAIN_CPU == {
+      'xla_cpu_copy_insertion_use_region_analysis': True}
+  assert parameter_copies(step._plain) > 0  # pylint: disable=protected-access
+  assert parameter_copies(step) == 0
+  new, aux_new = step(state, batch)  # donates `state`
+  assert step._tuned_ok  # pylint: disable=protected-access
+  for k in aux:
+    np.testing.assert_allclose(float(aux_new[k]), float(aux[k]), rtol=1e-6, err_msg=k)
+  for part in ('params', 'opt_state', 'batch_stats', 'rng'):
+    a, b = jax.tree.leaves(getattr(plain, part)), jax.tree.leaves(getattr(new, part))
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+      np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-7, err_msg=part)
+
+
 def test_captions_cut_to_the_batch_longest_train_the_same_step():
   """config.data.caption_pad_multiple: captions cut from 41 slots to 16 (the batch's longest, 10
   slots, rounded up to 8) give the same losses, gradients and BN statistics to float rounding:
