@@ -224,8 +224,8 @@ def compiled_step(config, batch: int):
   t = time.perf_counter()
   compiled = step.lower(state, device_batch).compile()
   compile_s = time.perf_counter() - t
-  return compiled, state, device_batch, compile_s, model_flops(
-      train.make_train_step(graphdef, config, opt), state, device_batch)
+  return compiled, state, device_batch, compile_s, model_flops(step.__wrapped__, state,
+                                                              device_batch)
 
 
 def model_flops(fn, *args) -> float | None:
