@@ -139,3 +139,32 @@ def test_inference_jit_falls_back_when_xla_refuses_the_option(monkeypatch, caplo
   assert not double._tuned_ok  # pylint: disable=protected-access
   assert 'compiles without it' in caplog.text
   np.testing.assert_array_equal(double(jnp.arange(2.0)), [0.0, 2.0])  # plain from now on
+
+
+def _cache_copies(jitted, model, a, b) -> list[str]:
+  """Instructions of the decoding loop that copy or transpose a whole self-attention cache
+  (B x H x Dh x max_len elements) in the compiled CPU program."""
+  graphdef, state = nnx.split(model)
+  text = jitted.lower(graphdef, state, a, b, start_id=1, end_id=3, pad_id=0,
+                      max_steps=model.decoder.max_len).compile().as_text()
+  dec = model.decoder
+  cache = a.shape[0] * dec.tokens_embed.features * dec.max_len
+  found = []
+  for line in text.splitlines():
+    m = re.match(r'\s*(?:ROOT )?%(\S+) = f32\[([\d,]*)\]\S* (\w+)\(', line)
+    if not m or 'while/body' not in line:
+      continue
+    name, dims, op = m.groups()
+    size = int(np.prod([int(d) for d in dims.split(',') if d]))
+    if size == cache and (op in ('copy', 'transpose') or
+                          (op == 'fusion' and re.match(r'(transpose|copy)', name))):
+      found.append(line.strip()[:160])
+  return found
+
+
+def test_decoding_steps_read_the_cache_in_place(model_and_images):
+  """The cache is held in the layout of the attention dots ((B, H, Dh, slots)), so no step copies
+  it: held as the layers' (B, slots, H, Dh), XLA:CPU transposed every layer's keys and values at
+  every step (levir: 4 x 10.7 MB a step at batch 32, 4% of captioning's time)."""
+  model, a, b = model_and_images
+  assert _cache_copies(decoding._greedy_cached, model, a, b) == []  # pylint: disable=protected-access
